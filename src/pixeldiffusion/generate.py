@@ -1,0 +1,127 @@
+"""Drawing pictures from a trained model: final samples, or the chain as x_t (denoise) or as the
+predicted x0 (progressive), plus the files a user asked for (grid PNG, single PNGs, samples.npz)."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from PIL import Image
+from torch import Tensor
+
+from .checkpoint import LoadedCheckpoint
+from .config import Config, SampleConfig
+from .device import make_generator
+from .errors import PixelDiffusionError
+from .images import atomic_save, make_grid, to_pil, to_uint8
+from .samplers import sample
+from .train import alphas_cumprod_of
+
+MODES = ("sample", "denoise", "progressive")
+
+
+@dataclass
+class Generated:
+    images: Tensor              # [N, C, H, W] in [-1, 1], the final x_0
+    frames: Tensor | None       # [N, F, C, H, W] in [-1, 1] along the chain (denoise/progressive)
+
+
+@torch.no_grad()
+def generate(model: torch.nn.Module, cfg: Config, device: torch.device, *,
+             mode: str = "sample", micro_batch: int | None = None,
+             interval: int | None = None) -> Generated:
+    """Sample ``cfg.sample.n_samples`` images with ``cfg.sample``'s sampler and seed.
+
+    mode "denoise" records x_t and "progressive" the predicted x0 every ``interval`` steps
+    (default: about 10 frames), ending with the final image, through the sampler's callback.
+    """
+    if mode not in MODES:
+        raise ValueError(f"unknown mode '{mode}'; use one of {MODES}")
+    s = cfg.sample
+    micro_batch = micro_batch or s.batch_size
+    interval = interval or max(1, s.steps // 10)
+    alphas_cumprod = alphas_cumprod_of(cfg)
+    generator = make_generator(device, s.seed)
+    options: dict[str, Any] = {"eta": s.eta} if s.sampler == "ddim" else {"var_type": s.var_type}
+    shape = (cfg.data.channels, cfg.data.image_size, cfg.data.image_size)
+    images, frames = [], []
+    chunk: list[Tensor] = []
+
+    def record(info: dict[str, Any]) -> None:
+        if info["i"] % interval == 0:
+            chunk.append((info["x_t"] if mode == "denoise" else info["x0"]).float().cpu())
+
+    for start in range(0, s.n_samples, micro_batch):
+        chunk.clear()
+
+        x_T = torch.randn((min(micro_batch, s.n_samples - start), *shape),
+                          generator=generator, device=device)
+        x0 = sample(model, x_T, alphas_cumprod, sampler=s.sampler, steps=s.steps,
+                    skip_type=s.skip_type, prediction=cfg.diffusion.prediction,
+                    clip_x0=s.clip_x0, generator=generator,
+                    callback=record if mode != "sample" else None, **options).float().cpu()
+        images.append(x0)
+        if mode != "sample":
+            frames.append(torch.stack([*chunk, x0], dim=1))
+    return Generated(torch.cat(images), torch.cat(frames) if frames else None)
+
+
+def save_grid_of(generated: Generated, path: str | Path, *, nrow: int,
+                 grayscale: bool = False) -> Path:
+    """The grid PNG: images row by row, or one row per sample along the chain."""
+    if generated.frames is None:
+        pictures, ncol = to_uint8(generated.images), nrow
+    else:
+        n, f = generated.frames.shape[:2]
+        pictures, ncol = to_uint8(generated.frames.flatten(0, 1)), f
+    return atomic_save(to_pil(make_grid(pictures, ncol), grayscale), path)
+
+
+def save_each(images: Tensor, save_dir: str | Path, *, grayscale: bool = False,
+              labels: Tensor | None = None) -> Path:
+    """Each image as ``save_dir/000000.png`` and all of them as ``samples.npz`` (``images`` uint8
+    [N, H, W, C]; ``labels`` int64 [N] when given). Returns the npz path."""
+    save_dir = Path(save_dir)
+    save_dir.mkdir(parents=True, exist_ok=True)
+    pictures = to_uint8(images)
+    for k, picture in enumerate(pictures):
+        atomic_save(to_pil(picture, grayscale), save_dir / f"{k:06d}.png")
+    arrays = {"images": pictures}
+    if labels is not None:
+        arrays["labels"] = labels.cpu().numpy().astype(np.int64)
+    tmp = save_dir / ".samples.npz.tmp"
+    with open(tmp, "wb") as f:
+        np.savez(f, **arrays)
+    os.replace(tmp, save_dir / "samples.npz")
+    return save_dir / "samples.npz"
+
+
+def sample_config_from_args(base: SampleConfig, args: Any) -> SampleConfig:
+    """The checkpoint's sample section with the CLI's explicit choices on top."""
+    keys = ("sampler", "steps", "eta", "var_type", "skip_type", "n_samples", "nrow", "seed",
+            "clip_x0")
+    chosen = {k: getattr(args, k) for k in keys if getattr(args, k, None) is not None}
+    return replace(base, **chosen)
+
+
+def run_from_args(loaded: LoadedCheckpoint, args: Any, device: torch.device) -> list[Path]:
+    """What ``pixeldiffusion sample`` does after parsing: generate, then write the files."""
+    cfg = replace(loaded.config, sample=sample_config_from_args(loaded.config.sample, args))
+    T = cfg.diffusion.timesteps
+    if cfg.sample.steps > T:
+        raise PixelDiffusionError(f"--steps {cfg.sample.steps} is more than the model's "
+                                  f"{T} timesteps; use --steps {T} or fewer")
+    mode = "sample" if args.result_only else args.mode
+    generated = generate(loaded.model, cfg, device, mode=mode, micro_batch=args.micro_batch,
+                         interval=args.interval)
+    written = [save_grid_of(generated, args.save_path, nrow=cfg.sample.nrow,
+                            grayscale=args.to_grayscale)]
+    if args.save_dir:
+        written.append(save_each(generated.images, args.save_dir, grayscale=args.to_grayscale))
+    if args.show:
+        Image.open(written[0]).show()
+    return written

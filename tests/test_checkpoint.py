@@ -1,0 +1,106 @@
+import json
+import pickle
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from pixeldiffusion.checkpoint import (
+    latest_checkpoint,
+    list_checkpoints,
+    load_checkpoint,
+    load_training_state,
+    read_metadata,
+    resolve_weights_path,
+    save_checkpoint,
+)
+from pixeldiffusion.config import load_config
+from pixeldiffusion.errors import CheckpointError
+from pixeldiffusion.unet import build_unet
+
+
+def _models(cfg, seed=0):
+    torch.manual_seed(seed)
+    model = build_unet(cfg.model, in_channels=1, image_size=32)
+    for p in model.parameters():
+        p.data.normal_(0, 0.02)
+    ema = build_unet(cfg.model, in_channels=1, image_size=32)
+    ema.load_state_dict({k: v * 0.5 for k, v in model.state_dict().items()})
+    return model, ema
+
+
+def test_round_trip_builds_the_model_from_the_file_alone(tmp_path, tiny_config):
+    model, ema = _models(tiny_config)
+    ckpt = save_checkpoint(tmp_path, 7, model, ema, {"step": 7}, tiny_config)
+    weights = ckpt / "weights.safetensors"
+    meta = read_metadata(weights)
+    assert meta["step"] == "7" and meta["pixeldiffusion_version"]
+    assert json.loads(meta["config"])["model"]["channels"] == 8
+    x, t = torch.randn(2, 1, 32, 32), torch.tensor([3, 40])
+    for use_ema, source in ((True, ema), (False, model)):
+        loaded = load_checkpoint(weights, use_ema=use_ema)
+        assert loaded.step == 7 and loaded.config == tiny_config
+        torch.testing.assert_close(loaded.model(x, t), source.eval()(x, t))
+    assert load_training_state(ckpt) == {"step": 7}
+
+
+def test_paths_resolve_from_run_dir_checkpoint_dir_or_file(tmp_path, tiny_config):
+    model, ema = _models(tiny_config)
+    for step in (1, 2, 3, 4):
+        save_checkpoint(tmp_path, step, model, ema, {"step": step}, tiny_config, keep_last=2)
+    assert [p.name for p in list_checkpoints(tmp_path)] == ["step-0000003", "step-0000004"]
+    newest = tmp_path / "checkpoints" / "step-0000004" / "weights.safetensors"
+    assert resolve_weights_path(tmp_path) == newest
+    assert resolve_weights_path(newest.parent) == newest
+    assert resolve_weights_path(newest) == newest
+    (tmp_path / "checkpoints" / ".step-0000005.tmp").mkdir()  # an interrupted write
+    assert latest_checkpoint(tmp_path) == newest.parent
+
+
+def test_missing_and_foreign_files_give_one_clear_error(tmp_path, tiny_config):
+    with pytest.raises(CheckpointError, match="does not exist"):
+        load_checkpoint(tmp_path / "nope.safetensors")
+    with pytest.raises(CheckpointError, match="holds no checkpoint"):
+        load_checkpoint(tmp_path)
+    (tmp_path / "notes.txt").write_text("hello")
+    with pytest.raises(CheckpointError, match="not a readable safetensors"):
+        load_checkpoint(tmp_path / "notes.txt")
+    save_file({"w": torch.zeros(2)}, str(tmp_path / "other.safetensors"))
+    with pytest.raises(CheckpointError, match="not a pixeldiffusion checkpoint"):
+        load_checkpoint(tmp_path / "other.safetensors")
+
+
+def test_truncated_checkpoint_is_reported(tmp_path, tiny_config):
+    model, ema = _models(tiny_config)
+    weights = save_checkpoint(tmp_path, 1, model, ema, {}, tiny_config) / "weights.safetensors"
+    data = weights.read_bytes()
+    weights.write_bytes(data[: len(data) // 2])
+    with pytest.raises(CheckpointError, match="truncated"):
+        load_checkpoint(weights)
+
+
+def test_another_architecture_lists_the_mismatch(tmp_path, tiny_config):
+    model, ema = _models(tiny_config)
+    weights = save_checkpoint(tmp_path, 1, model, ema, {}, tiny_config) / "weights.safetensors"
+    other = load_config(None, ["--model.channels", "16", "--model.channel_mult", "1,2",
+                               "--model.norm_groups", "4", "--model.attn_resolutions", "16"])
+    from safetensors.torch import load_file
+
+    from pixeldiffusion.checkpoint import load_state_checked
+    state = {k[4:]: v for k, v in load_file(str(weights)).items() if k.startswith("ema.")}
+    with pytest.raises(CheckpointError, match=r"does not fit .*shape: .*checkpoint \(8,"):
+        load_state_checked(build_unet(other.model, in_channels=1, image_size=32), state, "x")
+
+
+def test_a_pickle_payload_in_the_training_state_never_runs(tmp_path, tiny_config):
+    model, ema = _models(tiny_config)
+    ckpt = save_checkpoint(tmp_path, 1, model, ema, {"step": 1}, tiny_config)
+    marker = tmp_path / "pwned"
+
+    class Payload:
+        def __reduce__(self):
+            return (open, (str(marker), "w"))
+    (ckpt / "state.pt").write_bytes(pickle.dumps({"step": Payload()}))
+    with pytest.raises(CheckpointError, match="could not be loaded safely"):
+        load_training_state(ckpt)
+    assert not marker.exists()

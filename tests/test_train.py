@@ -1,0 +1,112 @@
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from pixeldiffusion.config import load_config
+from pixeldiffusion.errors import PixelDiffusionError
+from pixeldiffusion.train import TrainingDiverged, ema_decay_at, ema_update, lr_factor, train
+
+
+def _weights(result):
+    return load_file(str(result.checkpoint / "weights.safetensors"))
+
+
+def test_tiny_run_writes_checkpoint_grid_config_and_tensorboard(tmp_path, tiny_args):
+    cfg = load_config(None, tiny_args + ["--train.tensorboard", "true",
+                                         "--train.sample_every", "2"])
+    result = train(cfg, tmp_path / "run", progress=False, log=lambda *_: None)
+    assert result.step == 4
+    assert result.checkpoint == tmp_path / "run" / "checkpoints" / "step-0000004"
+    assert (tmp_path / "run" / "config.yaml").is_file()
+    assert load_config(tmp_path / "run" / "config.yaml") == cfg
+    assert result.grid.is_file() and (tmp_path / "run" / "samples" / "step-0000002.png").is_file()
+    assert list((tmp_path / "run" / "tensorboard").glob("events.out.tfevents.*"))
+    weights = _weights(result)
+    assert any(k.startswith("ema.") for k in weights)
+    assert any(k.startswith("model.") for k in weights)
+
+
+def test_resume_continues_exactly(tmp_path, tiny_args):
+    """N + M steps in one go == N steps, stop, resume, M steps (dropout and flips on, so the
+    RNG states, data position, optimizer, LR schedule and EMA must all be restored)."""
+    args = tiny_args + ["--data.random_flip", "true", "--train.warmup_steps", "5"]
+    straight = train(load_config(None, args + ["--train.steps", "6"]), tmp_path / "a",
+                     progress=False, log=lambda *_: None)
+    train(load_config(None, args + ["--train.steps", "3"]), tmp_path / "b", progress=False,
+          log=lambda *_: None)
+    resumed = train(load_config(None, args + ["--train.steps", "6"]), tmp_path / "b",
+                    resume="auto", progress=False, log=lambda *_: None)
+    assert resumed.step == straight.step == 6
+    a, b = _weights(straight), _weights(resumed)
+    assert a.keys() == b.keys()
+    for key in a:
+        torch.testing.assert_close(a[key], b[key], rtol=0, atol=1e-6, msg=key)
+    state = torch.load(resumed.checkpoint / "state.pt", weights_only=True)
+    assert state["step"] == 6 and state["scheduler"]["last_epoch"] == 6
+
+
+def test_a_second_run_in_the_same_dir_refuses_without_resume(tmp_path, tiny_config):
+    train(tiny_config, tmp_path, progress=False, log=lambda *_: None)
+    with pytest.raises(PixelDiffusionError, match="--resume auto"):
+        train(tiny_config, tmp_path, progress=False, log=lambda *_: None)
+
+
+def test_a_nan_loss_stops_the_run_and_saves_nothing_non_finite(tmp_path, tiny_args):
+    cfg = load_config(None, tiny_args + ["--train.lr", "1.0", "--train.grad_clip", "0",
+                                         "--train.warmup_steps", "0"])
+    import pixeldiffusion.train as train_module
+    real_loss = train_module.training_loss
+    calls = []
+
+    def poisoned(*args, **kwargs):
+        calls.append(1)
+        loss = real_loss(*args, **kwargs)
+        return loss * float("nan") if len(calls) == 2 else loss
+    train_module.training_loss = poisoned
+    try:
+        with pytest.raises(TrainingDiverged, match="Lower --train.lr"):
+            train(cfg, tmp_path, progress=False, log=lambda *_: None)
+    finally:
+        train_module.training_loss = real_loss
+    assert not list((tmp_path / "checkpoints").glob("step-*"))
+
+
+def test_ema_warmup_lr_warmup_and_ema_update(tiny_config):
+    assert ema_decay_at(tiny_config, 0) == pytest.approx(0.1)
+    assert ema_decay_at(tiny_config, 10**6) == tiny_config.train.ema_decay
+    assert lr_factor(0, 4) == 0.25 and lr_factor(3, 4) == 1.0 and lr_factor(0, 0) == 1.0
+    a, b = torch.nn.Linear(2, 2), torch.nn.Linear(2, 2)
+    expected = [0.9 * pa + 0.1 * pb for pa, pb in zip(a.parameters(), b.parameters(), strict=True)]
+    ema_update(a, b, 0.9)
+    for got, want in zip(a.parameters(), expected, strict=True):
+        torch.testing.assert_close(got, want)
+
+
+def test_sigint_saves_the_current_step_and_resume_finishes(tmp_path, tiny_args):
+    """A real Ctrl-C to a real training process."""
+    run = tmp_path / "run"
+    args = [sys.executable, "-m", "pixeldiffusion", "train", "-e", str(run), *tiny_args,
+            "--train.steps", "100000", "--train.log_every", "1"]
+    proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    deadline = time.time() + 120
+    while not (run / "config.yaml").exists() and time.time() < deadline:
+        time.sleep(0.2)
+    time.sleep(1.5)  # a few steps
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130, err
+    assert "Resume with: pixeldiffusion train -e" in err and "Traceback" not in err
+    saved = list((run / "checkpoints").glob("step-*"))
+    assert len(saved) == 1
+    step = int(saved[0].name.split("-")[1])
+    assert step > 0
+    cfg = load_config(run / "config.yaml", ["--train.steps", str(step + 2)])
+    result = train(cfg, run, resume="auto", progress=False, log=lambda *_: None)
+    assert result.step == step + 2
