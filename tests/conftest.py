@@ -12,7 +12,7 @@ TINY = ["--model.channels", "8", "--model.channel_mult", "1,2", "--model.num_res
         "--sample.n_samples", "4", "--sample.nrow", "2", "--sample.batch_size", "4"]
 
 
-@pytest.fixture
+@pytest.fixture(scope="session")
 def tiny_args() -> list[str]:
     return list(TINY)
 

@@ -49,8 +49,8 @@ class DataConfig:
 
 @dataclass
 class ModelConfig:
-    channels: int = _opt(32, low=8, high=1024, doc="base channel count (ch in DDPM)")
-    channel_mult: tuple[int, ...] = _opt((1, 2, 2), doc="channel multiplier per resolution level")
+    channels: int = _opt(16, low=8, high=1024, doc="base channel count (ch in DDPM)")
+    channel_mult: tuple[int, ...] = _opt((1, 2, 4), doc="channel multiplier per resolution level")
     num_res_blocks: int = _opt(1, low=1, high=8)
     attn_resolutions: tuple[int, ...] = _opt((8,), doc="resolutions with self-attention")
     dropout: float = _opt(0.0, low=0.0, high=0.9)
@@ -67,13 +67,13 @@ class DiffusionConfig:
     beta_end: float = _opt(0.02, low=1e-6, high=0.999, doc="linear/sigmoid: beta_T")
     prediction: str = _opt("eps", choices=("eps", "x0", "v"), doc="what the network predicts")
     loss: str = _opt("l2", choices=("l2", "l1"))
-    min_snr_gamma: float = _opt(0.0, low=0.0, high=1000.0, doc="min-SNR-gamma weighting; 0 = off")
+    min_snr_gamma: float = _opt(5.0, low=0.0, high=1000.0, doc="min-SNR-gamma weighting; 0 = off")
 
 
 @dataclass
 class TrainConfig:
-    steps: int = _opt(1500, low=1, high=100_000_000)
-    batch_size: int = _opt(64, low=1, high=65536)
+    steps: int = _opt(1200, low=1, high=100_000_000)
+    batch_size: int = _opt(32, low=1, high=65536)
     lr: float = _opt(1e-3, low=1e-9, high=1.0)
     weight_decay: float = _opt(0.0, low=0.0, high=10.0)
     warmup_steps: int = _opt(100, low=0, high=100_000_000)
@@ -84,16 +84,16 @@ class TrainConfig:
     mixed_precision: str = _opt("no", choices=("no", "bf16", "fp16"))
     device: str = _opt("auto", doc="auto | cpu | cuda | cuda:N | mps")
     log_every: int = _opt(50, low=1, high=100_000_000)
-    sample_every: int = _opt(500, low=0, high=100_000_000, doc="sample grid PNG; 0 = off")
-    save_every: int = _opt(500, low=0, high=100_000_000, doc="checkpoint; 0 = at the end only")
+    sample_every: int = _opt(400, low=0, high=100_000_000, doc="sample grid PNG; 0 = off")
+    save_every: int = _opt(400, low=0, high=100_000_000, doc="checkpoint; 0 = at the end only")
     keep_last: int = _opt(3, low=1, high=1000, doc="checkpoints kept besides the newest")
     tensorboard: bool = _opt(True)
 
 
 @dataclass
 class SampleConfig:
-    sampler: str = _opt("ddim", choices=("ddpm", "ddim"))
-    steps: int = _opt(50, low=1, high=100_000, doc="model calls; < T skips steps")
+    sampler: str = _opt("ddpm", choices=("ddpm", "ddim"))
+    steps: int = _opt(100, low=1, high=100_000, doc="model calls; < T skips steps")
     eta: float = _opt(0.0, low=0.0, high=10.0, doc="DDIM stochasticity; 1 = DDPM posterior")
     var_type: str = _opt("fixed_small", choices=("fixed_small", "fixed_large"))
     skip_type: str = _opt("uniform", choices=("uniform", "quadratic"))
