@@ -23,7 +23,8 @@ import torch
 from pixeldiffusion.config import load_config
 from pixeldiffusion.device import resolve_device
 from pixeldiffusion.diffusion import training_loss
-from pixeldiffusion.train import alphas_cumprod_of, ema_update
+from pixeldiffusion.generate import alphas_cumprod_of
+from pixeldiffusion.train import ema_update
 from pixeldiffusion.unet import build_unet, count_parameters
 
 CONFIGS = Path(__file__).resolve().parent.parent / "configs"

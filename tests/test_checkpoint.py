@@ -100,7 +100,7 @@ def test_a_pickle_payload_in_the_training_state_never_runs(tmp_path, tiny_config
     class Payload:
         def __reduce__(self):
             return (open, (str(marker), "w"))
-    (ckpt / "state.pt").write_bytes(pickle.dumps({"step": Payload()}))
+    (ckpt / "state.pt").write_bytes(pickle.dumps({"step": Payload()}, protocol=2))
     with pytest.raises(CheckpointError, match="could not be loaded safely"):
         load_training_state(ckpt)
     assert not marker.exists()

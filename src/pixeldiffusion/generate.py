@@ -19,9 +19,16 @@ from .device import make_generator
 from .errors import PixelDiffusionError
 from .images import atomic_save, make_grid, to_pil, to_uint8
 from .samplers import sample
-from .train import alphas_cumprod_of
+from .schedule import alphas_cumprod_from_betas, make_betas
 
 MODES = ("sample", "denoise", "progressive")
+
+
+def alphas_cumprod_of(cfg: Config) -> Tensor:
+    """The training schedule abar_t of a config: float64 [T] on the CPU."""
+    d = cfg.diffusion
+    return alphas_cumprod_from_betas(make_betas(d.beta_schedule, d.timesteps, d.beta_start,
+                                                d.beta_end))
 
 
 @dataclass

@@ -32,9 +32,8 @@ from .data import load_dataset, make_loader, random_hflip
 from .device import make_generator, resolve_device
 from .diffusion import training_loss
 from .errors import ConfigError, PixelDiffusionError
+from .generate import alphas_cumprod_of, generate
 from .images import save_grid
-from .samplers import sample
-from .schedule import alphas_cumprod_from_betas, make_betas
 from .unet import build_unet, count_parameters
 
 
@@ -60,13 +59,6 @@ def default_run_dir() -> Path:
     return Path("runs") / time.strftime("exp-%Y%m%d-%H%M%S")
 
 
-def alphas_cumprod_of(cfg: Config) -> Tensor:
-    """The training schedule abar_t of a config: float64 [T] on the CPU."""
-    d = cfg.diffusion
-    return alphas_cumprod_from_betas(make_betas(d.beta_schedule, d.timesteps, d.beta_start,
-                                                d.beta_end))
-
-
 def ema_decay_at(cfg: Config, step: int) -> float:
     """EMA decay after ``step`` updates: min(decay, (1 + n)/(10 + n)) with warm-up, as in
     Tensorflow's ExponentialMovingAverage(num_updates) used by the DDPM code."""
@@ -86,24 +78,6 @@ def ema_update(ema: nn.Module, model: nn.Module, decay: float) -> None:
 def lr_factor(step: int, warmup_steps: int) -> float:
     """Linear warm-up to the base LR over ``warmup_steps``, then constant (DDPM, App. B)."""
     return min(1.0, (step + 1) / warmup_steps) if warmup_steps > 0 else 1.0
-
-
-@torch.no_grad()
-def sample_images(model: nn.Module, cfg: Config, n: int, device: torch.device,
-                  seed: int | None = None) -> Tensor:
-    """n samples [n, C, H, W] in [-1, 1] with the config's sampler, in micro-batches."""
-    s, ac = cfg.sample, alphas_cumprod_of(cfg)
-    generator = make_generator(device, cfg.sample.seed if seed is None else seed)
-    options = {"eta": s.eta} if s.sampler == "ddim" else {"var_type": s.var_type}
-    shape = (cfg.data.channels, cfg.data.image_size, cfg.data.image_size)
-    out = []
-    for start in range(0, n, s.batch_size):
-        x_T = torch.randn((min(s.batch_size, n - start), *shape), generator=generator,
-                          device=device)
-        out.append(sample(model, x_T, ac, sampler=s.sampler, steps=s.steps,
-                          skip_type=s.skip_type, prediction=cfg.diffusion.prediction,
-                          clip_x0=s.clip_x0, generator=generator, **options).cpu())
-    return torch.cat(out)
 
 
 @contextmanager
@@ -242,7 +216,7 @@ def train(cfg: Config, run_dir: str | Path | None = None, *, resume: str | None 
     def grid(name: str) -> Path | None:
         if not main:
             return None
-        images = sample_images(ema, cfg, cfg.sample.n_samples, device)
+        images = generate(ema, cfg, device).images
         return save_grid(images, run_dir / "samples" / name, nrow=cfg.sample.nrow)
 
     model_kwargs = {}
