@@ -84,6 +84,17 @@ def bench(config: str, batch: int, sample_batch: int, device: torch.device, dtyp
             "sample": sample_batch / sample_s}
 
 
+def cpu_name() -> str:
+    """The CPU's model name (Linux), else what ``platform`` knows."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--device", default="auto")
@@ -97,7 +108,7 @@ def main() -> None:
             ("cifar10.yaml", 128 if gpu else 8, 512 if gpu else 32)]
     precisions = [("fp32", None)] + ([("bf16", torch.bfloat16)] if args.bf16 else [])
     name = torch.cuda.get_device_name(device) if gpu else \
-        f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads"
+        f"{cpu_name()}, {torch.get_num_threads()} threads"
     print(f"pixeldiffusion throughput on {device} ({name}); torch {torch.__version__}; "
           f"median of {args.repeats}")
     print("| config | params | precision | train batch | train img/s | "

@@ -3,11 +3,13 @@ import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 import torch
 from safetensors.torch import load_file
 
+from pixeldiffusion.checkpoint import list_checkpoints
 from pixeldiffusion.config import load_config
 from pixeldiffusion.errors import PixelDiffusionError
 from pixeldiffusion.train import TrainingDiverged, ema_decay_at, ema_update, lr_factor, train
@@ -110,3 +112,19 @@ def test_sigint_saves_the_current_step_and_resume_finishes(tmp_path, tiny_args):
     cfg = load_config(run / "config.yaml", ["--train.steps", str(step + 2)])
     result = train(cfg, run, resume="auto", progress=False, log=lambda *_: None)
     assert result.step == step + 2
+
+
+def test_two_processes_with_torchrun_train_and_only_rank_zero_writes(tmp_path, tiny_args):
+    """Scale-out through the real launcher: 2 CPU processes, gloo, DDP via accelerate."""
+    torchrun = Path(sys.executable).parent / "torchrun"
+    run = tmp_path / "run"
+    done = subprocess.run(
+        [str(torchrun), "--nproc_per_node", "2", "-m", "pixeldiffusion", "train", "-e", str(run),
+         *tiny_args, "--train.save_every", "2", "--device", "cpu", "--no_progress"],
+        capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.count("new run") == 1 and "x2" in done.stdout
+    assert [p.name for p in list_checkpoints(run)] == ["step-0000002", "step-0000004"]
+    resumed = train(load_config(run / "config.yaml", ["--train.steps", "5"]), run,
+                    resume="auto", progress=False, log=lambda *_: None)
+    assert resumed.step == 5
