@@ -140,3 +140,12 @@ def test_other_schedules_and_bad_arguments():
     with pytest.raises(ValueError, match="var_type"):
         sample(point_mass_model(0, "eps"), torch.randn(1, 1), ABAR, sampler="ddpm",
                var_type="learned")
+
+
+def test_the_package_exports_the_sampling_api():
+    import pixeldiffusion as pd
+    assert pd.sample is sample
+    x0 = pd.sample(point_mass_model(0.2, "eps"), torch.randn(2, 1, 2, 2), ABAR, steps=5)
+    torch.testing.assert_close(x0, torch.full_like(x0, 0.2), atol=1e-4, rtol=0)
+    with pytest.raises(AttributeError):
+        pd.not_a_thing  # noqa: B018

@@ -122,6 +122,8 @@ def _make_accelerator(cfg: Config):
     if cfg.train.mixed_precision == "fp16" and device.type != "cuda":
         raise ConfigError("config key 'train.mixed_precision' fp16 needs a CUDA GPU; use bf16 or "
                           "no on this device")
+    if device.type == "cuda" and device.index is not None:
+        torch.cuda.set_device(device)  # accelerate's single-process device is the current one
     return Accelerator(mixed_precision=cfg.train.mixed_precision, cpu=device.type == "cpu")
 
 
