@@ -64,7 +64,6 @@ def generate(model: torch.nn.Module, cfg: Config, device: torch.device, *,
 
     for start in range(0, s.n_samples, micro_batch):
         chunk.clear()
-
         x_T = torch.randn((min(micro_batch, s.n_samples - start), *shape),
                           generator=generator, device=device)
         x0 = sample(model, x_T, alphas_cumprod, sampler=s.sampler, steps=s.steps,
@@ -83,8 +82,8 @@ def save_grid_of(generated: Generated, path: str | Path, *, nrow: int,
     if generated.frames is None:
         pictures, ncol = to_uint8(generated.images), nrow
     else:
-        n, f = generated.frames.shape[:2]
-        pictures, ncol = to_uint8(generated.frames.flatten(0, 1)), f
+        pictures = to_uint8(generated.frames.flatten(0, 1))
+        ncol = generated.frames.shape[1]
     return atomic_save(to_pil(make_grid(pictures, ncol), grayscale), path)
 
 

@@ -11,7 +11,7 @@ import copy
 import signal
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -55,6 +55,10 @@ class TrainResult:
     step: int
 
 
+def _log(message: str) -> None:
+    print(message, flush=True)  # flushed: users tail redirected logs of long runs
+
+
 def default_run_dir() -> Path:
     return Path("runs") / time.strftime("exp-%Y%m%d-%H%M%S")
 
@@ -82,11 +86,14 @@ def lr_factor(step: int, warmup_steps: int) -> float:
 
 @contextmanager
 def _stop_on_signals() -> Iterator[dict[str, int]]:
-    """Turn SIGINT/SIGTERM into a flag the loop checks between steps (never mid-update)."""
+    """Turn SIGINT/SIGTERM into a flag the loop checks between steps (never mid-update); a second
+    signal interrupts at once."""
     received: dict[str, int] = {}
     handlers = {}
 
     def handler(signum, _frame):
+        if "signal" in received:  # a second Ctrl-C: stop now, without the checkpoint
+            raise KeyboardInterrupt
         received["signal"] = signum
 
     try:
@@ -144,7 +151,7 @@ def _resume_point(run_dir: Path, resume: str | None) -> Path | None:
 
 
 def train(cfg: Config, run_dir: str | Path | None = None, *, resume: str | None = None,
-          progress: bool = True, log=print) -> TrainResult:
+          progress: bool = True, log: Callable[[str], None] = _log) -> TrainResult:
     """Train ``cfg`` into ``run_dir``; ``resume`` is None, "auto" or a checkpoint path."""
     run_dir = Path(run_dir) if run_dir is not None else default_run_dir()
     resume_from = _resume_point(run_dir, resume)
