@@ -47,7 +47,14 @@ def _parser() -> argparse.ArgumentParser:
     from . import __version__
     parser.add_argument("--version", action="version", version=f"pixeldiffusion {__version__}")
     commands = parser.add_subparsers(dest="command", required=True)
+    # One _add_<command> per subcommand; each sets ``run`` (and ``takes_overrides`` when unknown
+    # arguments are config overrides). Keep the list in the order of ``pixeldiffusion --help``.
+    _add_train(commands)
+    _add_sample(commands)
+    return parser
 
+
+def _add_train(commands: argparse._SubParsersAction) -> None:
     train = commands.add_parser("train", help="train a model (default: the built-in digits)",
                                 epilog=TRAIN_HELP,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -56,7 +63,10 @@ def _parser() -> argparse.ArgumentParser:
     train.add_argument("--resume", help="'auto' (newest checkpoint of -e) or a checkpoint path")
     train.add_argument("--device", help="shortcut for --train.device (auto|cpu|cuda|mps)")
     train.add_argument("--no_progress", action="store_true", help="no progress bar")
+    train.set_defaults(run=_train, takes_overrides=True)
 
+
+def _add_sample(commands: argparse._SubParsersAction) -> None:
     s = commands.add_parser("sample", help="draw images from a checkpoint", epilog=SAMPLE_HELP,
                             formatter_class=argparse.RawDescriptionHelpFormatter)
     s.add_argument("-cp", "--checkpoint", required=True,
@@ -83,7 +93,7 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("--show", action="store_true", help="open the grid in an image viewer")
     s.add_argument("--load_ema", type=_bool, default=True, help="EMA weights (default true)")
     s.add_argument("--clip_x0", type=_bool, help="clip predicted x0 to [-1, 1]")
-    return parser
+    s.set_defaults(run=_sample)
 
 
 def _train(args: argparse.Namespace, overrides: list[str]) -> int:
@@ -107,7 +117,7 @@ def _train(args: argparse.Namespace, overrides: list[str]) -> int:
     return 0
 
 
-def _sample(args: argparse.Namespace) -> int:
+def _sample(args: argparse.Namespace, overrides: list[str]) -> int:
     from .checkpoint import load_checkpoint
     from .device import resolve_device
     from .generate import run_from_args
@@ -123,11 +133,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = _parser()
     args, extra = parser.parse_known_args(argv)
     try:
-        if args.command == "train":
-            return _train(args, extra)
-        if extra:
+        if extra and not getattr(args, "takes_overrides", False):
             parser.error(f"unrecognized arguments: {' '.join(extra)}")
-        return _sample(args)
+        return args.run(args, extra)
     except PixelDiffusionError as err:
         print(f"pixeldiffusion: error: {err}", file=sys.stderr)
         return getattr(err, "exit_code", 2)
