@@ -9,7 +9,8 @@ TINY = ["--model.channels", "8", "--model.channel_mult", "1,2", "--model.num_res
         "--diffusion.timesteps", "50", "--train.batch_size", "4", "--train.steps", "4",
         "--train.log_every", "2", "--train.save_every", "0", "--train.sample_every", "0",
         "--train.warmup_steps", "2", "--train.tensorboard", "false", "--sample.steps", "3",
-        "--sample.n_samples", "4", "--sample.nrow", "2", "--sample.batch_size", "4"]
+        "--sample.n_samples", "4", "--sample.nrow", "2", "--sample.batch_size", "4",
+        "--train.eval_samples", "0"]
 
 
 @pytest.fixture(scope="session")

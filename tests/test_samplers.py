@@ -1,9 +1,12 @@
+import numpy as np
 import pytest
 import torch
 
-from pixeldiffusion.diffusion import gather, target
+from pixeldiffusion.diffusion import target
 from pixeldiffusion.samplers import SAMPLERS, ddim, ddpm, make_denoiser, sample
 from pixeldiffusion.schedule import (
+    SPACINGS,
+    alphas_cumprod_at,
     alphas_cumprod_from_betas,
     cosine_betas,
     linear_betas,
@@ -11,6 +14,12 @@ from pixeldiffusion.schedule import (
 )
 
 ABAR = alphas_cumprod_from_betas(linear_betas(1000))
+
+
+def gather(ac, t, like):
+    """abar at a batch of (long or float) timesteps, shaped to broadcast against ``like``."""
+    abar = alphas_cumprod_at(ac, t.detach().double().cpu())
+    return abar.to(like.dtype).reshape(-1, *([1] * (like.ndim - 1)))
 
 
 def point_mass_model(c: float, prediction: str, ac=ABAR):
@@ -101,6 +110,12 @@ def test_fixed_large_adds_more_noise_than_fixed_small():
     assert large[5] > small[5] * 1.01
 
 
+def expected_calls(sampler, timesteps):
+    """Heun evaluates every timestep but the first twice (its corrector, then its own step)."""
+    ts = timesteps.tolist()
+    return [ts[0], *[t for t in ts[1:] for _ in range(2)]] if sampler == "heun" else ts
+
+
 @pytest.mark.parametrize("sampler", sorted(SAMPLERS))
 @pytest.mark.parametrize("steps, skip_type", [(10, "uniform"), (7, "quadratic"), (1000, "uniform")])
 def test_model_is_called_exactly_at_the_spacing_timesteps(sampler, steps, skip_type):
@@ -111,7 +126,24 @@ def test_model_is_called_exactly_at_the_spacing_timesteps(sampler, steps, skip_t
         seen.append(int(t[0]))
         return torch.zeros_like(x_t)
     sample(model, torch.randn(2, 3), ABAR, sampler=sampler, steps=steps, skip_type=skip_type)
-    assert seen == sampling_timesteps(1000, steps, skip_type).tolist()
+    assert seen == expected_calls(sampler, sampling_timesteps(1000, steps, skip_type))
+
+
+@pytest.mark.parametrize("sampler", sorted(SAMPLERS))
+@pytest.mark.parametrize("spacing", SPACINGS)
+@pytest.mark.parametrize("steps", [1, 2, 5, 13])
+def test_every_sampler_calls_the_model_at_every_spacing(sampler, spacing, steps):
+    """The off-by-one family: the model sees exactly the spacing's sequence, nothing else."""
+    seen = []
+
+    def model(x_t, t):
+        assert t.shape == (x_t.shape[0],) and (t == t[0]).all()
+        seen.append(float(t[0]))
+        return 0.1 * x_t
+    x_T = torch.randn(2, 3, dtype=torch.float64)  # float t comes in x_t's dtype
+    x0 = sample(model, x_T, ABAR, sampler=sampler, steps=steps, spacing=spacing)
+    assert torch.isfinite(x0).all()
+    assert seen == expected_calls(sampler, sampling_timesteps(1000, steps, spacing, ABAR))
 
 
 def test_callback_sees_every_step_and_the_x0_prediction():
@@ -126,7 +158,7 @@ def test_callback_sees_every_step_and_the_x0_prediction():
 def test_samplers_share_one_contract():
     denoise = make_denoiser(point_mass_model(0.1, "eps"), ABAR)
     ts = sampling_timesteps(1000, 4)
-    for fn in (ddim, ddpm):
+    for fn in (ddim, ddpm, *SAMPLERS.values()):
         out = fn(denoise, torch.randn(2, 2), ts, ABAR, generator=None, callback=None)
         assert out.shape == (2, 2)
 
@@ -135,8 +167,8 @@ def test_other_schedules_and_bad_arguments():
     ac = alphas_cumprod_from_betas(cosine_betas(100))
     x0 = sample(point_mass_model(-0.5, "v", ac), torch.randn(2, 2), ac, prediction="v", steps=10)
     torch.testing.assert_close(x0, torch.full_like(x0, -0.5), atol=1e-4, rtol=0)
-    with pytest.raises(ValueError, match="unknown sampler"):
-        sample(point_mass_model(0, "eps"), torch.randn(1, 1), ABAR, sampler="euler_a")
+    with pytest.raises(ValueError, match="unknown sampler 'unipcc'; did you mean 'unipc'"):
+        sample(point_mass_model(0, "eps"), torch.randn(1, 1), ABAR, sampler="unipcc")
     with pytest.raises(ValueError, match="var_type"):
         sample(point_mass_model(0, "eps"), torch.randn(1, 1), ABAR, sampler="ddpm",
                var_type="learned")
@@ -149,3 +181,159 @@ def test_the_package_exports_the_sampling_api():
     torch.testing.assert_close(x0, torch.full_like(x0, 0.2), atol=1e-4, rtol=0)
     with pytest.raises(AttributeError):
         pd.not_a_thing  # noqa: B018
+
+
+NEW_SAMPLERS = ["euler", "heun", "euler_ancestral", "dpmpp_2m", "dpmpp_2m_sde", "dpmpp_3m",
+                "unipc"]
+
+
+@pytest.mark.parametrize("sampler", NEW_SAMPLERS)
+@pytest.mark.parametrize("prediction", ["eps", "x0", "v"])
+@pytest.mark.parametrize("steps", [1, 3, 25])
+def test_point_mass_is_recovered_exactly_by_every_sampler(sampler, prediction, steps):
+    x_T = torch.randn(4, 1, 2, 2, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    x0 = sample(point_mass_model(0.25, prediction), x_T, ABAR, sampler=sampler, steps=steps,
+                prediction=prediction, clip_x0=False, generator=torch.Generator().manual_seed(1))
+    torch.testing.assert_close(x0, torch.full_like(x0, 0.25), atol=1e-6, rtol=0)
+
+
+S = 0.5
+
+
+def _gaussian_ode_target(x_T):
+    """Data ~ N(0, S^2): the probability-flow ODE is linear, x_t = sqrt(abar_t S^2 + 1 - abar_t) z
+    with z = x_T / sqrt(abar_T S^2 + 1 - abar_T). Samplers end with x_0 = E[x0 | x_t] at t = 0,
+    which is sqrt(abar_0) S^2 / (abar_0 S^2 + 1 - abar_0) x_t there."""
+    abar_T, abar_0 = float(ABAR[-1]), float(ABAR[0])
+    z = x_T / (abar_T * S**2 + 1 - abar_T) ** 0.5
+    return abar_0**0.5 * S**2 / (abar_0 * S**2 + 1 - abar_0) ** 0.5 * z
+
+
+# (sampler, options, known order): Euler/DDIM 1, Heun 2 (EDM), DPM-Solver++(2M) 2, (3M) 3,
+# UniPC-p: predictor order p, the corrector raises it to p + 1 (Zhao et al. 2023, Thm. 3.3)
+ORDERS = [("ddim", {}, 1), ("euler", {}, 1), ("heun", {}, 2), ("dpmpp_2m", {}, 2),
+          ("dpmpp_3m", {}, 3), ("unipc", {"order": 1}, 2), ("unipc", {"order": 2}, 3),
+          ("unipc", {"order": 3}, 4), ("unipc", {"order": 3, "variant": "bh1"}, 4)]
+
+
+@pytest.mark.parametrize("sampler, options, order", ORDERS)
+def test_deterministic_samplers_converge_at_their_order(sampler, options, order):
+    """Single Gaussian, exact eps: the error to the closed-form ODE solution falls like
+    steps^-order (slope of log error vs log steps, logsnr spacing)."""
+    x_T = torch.randn(8, 1, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    exact = _gaussian_ode_target(x_T)
+    steps = [16, 32] if order >= 3 else [16, 32, 64]
+    errors = [(sample(gaussian_model(S), x_T, ABAR, sampler=sampler, steps=n, spacing="logsnr",
+                      clip_x0=False, **options) - exact).abs().max().item() for n in steps]
+    slope = np.polyfit(np.log(steps), np.log(errors), 1)[0]
+    assert errors[-1] < errors[0] / 2 ** order * 1.5
+    assert -(order + 1.5) < slope < -(order - 0.4), (errors, slope)
+
+
+def test_ddim_is_deterministic_and_at_1000_steps_is_the_probability_flow_solution():
+    x_T = torch.randn(64, 1, dtype=torch.float64, generator=torch.Generator().manual_seed(3))
+    a = sample(gaussian_model(S), x_T, ABAR, sampler="ddim", steps=1000, clip_x0=False,
+               generator=torch.Generator().manual_seed(1))
+    b = sample(gaussian_model(S), x_T, ABAR, sampler="ddim", steps=1000, clip_x0=False,
+               generator=torch.Generator().manual_seed(2))
+    assert torch.equal(a, b)
+    exact = _gaussian_ode_target(x_T)
+    assert (a - exact).abs().max().item() < 4e-3 * exact.abs().max().item()  # 1st order
+
+
+def test_ddpm_with_all_steps_is_ancestral_sampling():
+    """Ho et al. 2020, Alg. 2 written out with betas, same noise draws: identical."""
+    betas = linear_betas(1000)
+    model = gaussian_model(0.7)
+    x_T = torch.randn(32, 2, dtype=torch.float64, generator=torch.Generator().manual_seed(4))
+    ours = sample(model, x_T, ABAR, sampler="ddpm", steps=1000, clip_x0=False,
+                  generator=torch.Generator().manual_seed(5))
+    g, x = torch.Generator().manual_seed(5), x_T
+    for t in range(999, -1, -1):
+        eps = model(x, torch.full((len(x),), t))
+        beta, abar = betas[t].item(), ABAR[t].item()
+        mean = (x - beta / (1 - abar) ** 0.5 * eps) / (1 - beta) ** 0.5
+        x0 = (x - (1 - abar) ** 0.5 * eps) / abar**0.5
+        if t > 0:
+            var = beta * (1 - ABAR[t - 1].item()) / (1 - abar)
+            x = mean + var**0.5 * torch.randn(x.shape, generator=g, dtype=x.dtype)
+        else:
+            x = x0
+    torch.testing.assert_close(ours, x, rtol=1e-8, atol=1e-8)
+
+
+@pytest.mark.parametrize("spacing", ["uniform", "karras"])
+def test_euler_is_ddim_and_euler_ancestral_is_ddpm_posterior(spacing):
+    """Karras et al. 2022, Sec. 3: DDIM is Euler in sigma; the ancestral step with eta = 1 is
+    DDIM eq. 16 with eta = 1. DPM-Solver++ 2M SDE with eta = 0 is 2M."""
+    model, g = gaussian_model(0.6), torch.Generator
+    x_T = torch.randn(16, 3, dtype=torch.float64, generator=g().manual_seed(0))
+
+    def run(name, **kw):
+        return sample(model, x_T, ABAR, sampler=name, steps=12, spacing=spacing, clip_x0=False,
+                      generator=g().manual_seed(9), **kw)
+    torch.testing.assert_close(run("euler"), run("ddim"), rtol=1e-10, atol=1e-10)
+    torch.testing.assert_close(run("euler_ancestral"), run("ddim", eta=1.0), rtol=1e-9, atol=1e-9)
+    torch.testing.assert_close(run("euler_ancestral", eta=0.0), run("euler"))
+    torch.testing.assert_close(run("dpmpp_2m_sde", eta=0.0), run("dpmpp_2m"))
+    assert not torch.allclose(run("dpmpp_2m_sde"), run("dpmpp_2m"))
+    assert not torch.allclose(run("heun", s_churn=10.0), run("heun"))
+
+
+@pytest.mark.parametrize("sampler", ["dpmpp_2m_sde", "heun"])
+def test_stochastic_samplers_have_the_right_spread(sampler):
+    options = {"s_churn": 5.0} if sampler == "heun" else {}
+    x_T = torch.randn(3000, 8, dtype=torch.float64, generator=torch.Generator().manual_seed(2))
+    x0 = sample(gaussian_model(S), x_T, ABAR, sampler=sampler, steps=40, clip_x0=False,
+                generator=torch.Generator().manual_seed(3), **options)
+    assert abs(x0.mean().item()) < 0.02 and x0.std().item() == pytest.approx(S, rel=0.03)
+
+
+def test_dynamic_thresholding_off_is_exact_and_on_rescales():
+    x_t = torch.randn(4, 1, 3, 3, generator=torch.Generator().manual_seed(0))
+    t = torch.full((4,), 500)
+    abar = ABAR[500].item()
+    big = point_mass_model(3.0, "eps")
+    plain = make_denoiser(big, ABAR, clip_x0=False)(x_t, 500)[0]
+    torch.testing.assert_close(plain, torch.full_like(x_t, 3.0), atol=1e-5, rtol=0)
+    x0, eps = make_denoiser(big, ABAR, clip_x0=False, dynamic_threshold=0.9)(x_t, 500)
+    torch.testing.assert_close(x0, torch.ones_like(x0))  # clamp to [-s, s], divide by s = 3
+    torch.testing.assert_close(x_t, abar**0.5 * x0 + (1 - abar) ** 0.5 * eps)
+    inside = point_mass_model(0.5, "eps")
+    torch.testing.assert_close(make_denoiser(inside, ABAR, dynamic_threshold=0.995)(x_t, 500)[0],
+                               make_denoiser(inside, ABAR, clip_x0=False)(x_t, 500)[0])
+    assert big(x_t, t).shape == x_t.shape
+    with pytest.raises(ValueError, match="quantile"):
+        make_denoiser(big, ABAR, dynamic_threshold=1.5)
+
+
+def test_float_timesteps_reach_the_model_and_integer_ones_stay_long():
+    dtypes = []
+
+    def model(x_t, t):
+        dtypes.append(t.dtype)
+        return torch.zeros_like(x_t)
+    sample(model, torch.randn(2, 2), ABAR, sampler="unipc", steps=6, spacing="karras")
+    assert dtypes[0] == torch.long and dtypes[1] == torch.float32 and dtypes[-1] == torch.long
+    dtypes.clear()
+    sample(model, torch.randn(2, 2), ABAR, sampler="unipc", steps=6, spacing="999,700,0")
+    assert set(dtypes) == {torch.long}
+
+
+def test_sample_defaults_to_unipc_logsnr_10_steps_and_accepts_options():
+    seen = []
+
+    def model(x_t, t):
+        seen.append(float(t[0]))
+        return 0.1 * x_t
+    sample(model, torch.randn(2, 2, dtype=torch.float64), ABAR)
+    assert seen == sampling_timesteps(1000, 10, "logsnr", ABAR).tolist()
+    with pytest.raises(ValueError, match="variant"):
+        sample(model, torch.randn(2, 2), ABAR, variant="bh3")
+    with pytest.raises(ValueError, match="did you mean 'karras'"):
+        sample(model, torch.randn(2, 2), ABAR, spacing="karas")
+
+
+def test_sampler_names_match_the_config_choices():
+    from pixeldiffusion.config import SAMPLER_NAMES
+    assert set(SAMPLER_NAMES) == set(SAMPLERS)

@@ -5,13 +5,19 @@ import pytest
 import torch
 
 from pixeldiffusion.schedule import (
+    SPACINGS,
+    alphas_cumprod_at,
     alphas_cumprod_from_betas,
     cosine_betas,
     linear_betas,
     make_betas,
     sampling_timesteps,
+    sigmas_of,
     sigmoid_betas,
+    timestep_of_sigma,
 )
+
+ABAR = alphas_cumprod_from_betas(linear_betas(1000))
 
 
 def test_linear_schedule_closed_form():
@@ -71,3 +77,65 @@ def test_quadratic_matches_ddim_spacing():
 def test_bad_steps_raise():
     with pytest.raises(ValueError, match="steps must be in"):
         sampling_timesteps(100, 101)
+
+
+# where each spacing starts and ends (the docstring of sampling_timesteps), T = 1000
+ENDS = {"uniform": lambda n: (999, 1000 // n - 1 if 1000 % n == 0 else None),
+        "leading": lambda n: ((n - 1) * (1000 // n), 0), "linspace": lambda n: (999, 0),
+        "quadratic": lambda n: (800 if n <= 100 else None, 0), "karras": lambda n: (999, 0),
+        "logsnr": lambda n: (999, 0)}
+
+
+@pytest.mark.parametrize("spacing", SPACINGS)
+@pytest.mark.parametrize("steps", [2, 3, 10, 25, 100, 1000])
+def test_every_spacing_is_strictly_decreasing_and_starts_and_ends_where_documented(spacing,
+                                                                                  steps):
+    seq = sampling_timesteps(1000, steps, spacing, ABAR)
+    assert len(seq) == steps and bool((seq[:-1] > seq[1:]).all())
+    assert seq.dtype == (torch.float64 if spacing in ("karras", "logsnr") else torch.long)
+    first, last = ENDS[spacing](steps)
+    assert 0 <= float(seq[-1]) and float(seq[0]) <= 999
+    if first is not None:
+        assert float(seq[0]) == first
+    if last is not None:
+        assert float(seq[-1]) == last
+
+
+def test_karras_and_logsnr_follow_their_formulas():
+    sigma = sigmas_of(alphas_cumprod_at(ABAR, sampling_timesteps(1000, 8, "karras", ABAR)))
+    lo, hi = float(sigmas_of(ABAR)[0]), float(sigmas_of(ABAR)[-1])
+    ramp = np.linspace(0, 1, 8)
+    expected = (hi ** (1 / 7) + ramp * (lo ** (1 / 7) - hi ** (1 / 7))) ** 7  # EDM eq. 5
+    np.testing.assert_allclose(sigma.numpy(), expected, rtol=1e-9)
+    lambda_ = -sigmas_of(alphas_cumprod_at(ABAR, sampling_timesteps(1000, 8, "logsnr", ABAR))).log()
+    np.testing.assert_allclose(np.diff(lambda_.numpy()), np.diff(lambda_.numpy())[0], rtol=1e-9)
+
+
+def test_alphas_cumprod_at_is_exact_on_integers_and_interpolates_log_sigma():
+    t = torch.arange(1000, dtype=torch.float64)
+    assert torch.equal(alphas_cumprod_at(ABAR, t), ABAR)
+    mid = alphas_cumprod_at(ABAR, torch.tensor([10.5]))
+    log_sigma = sigmas_of(ABAR).log()
+    expected = 1 / (1 + torch.exp(log_sigma[10] + log_sigma[11]))
+    torch.testing.assert_close(mid, expected.reshape(1))
+    back = timestep_of_sigma(ABAR, sigmas_of(alphas_cumprod_at(ABAR, torch.tensor([3.25, 700.9]))))
+    torch.testing.assert_close(back, torch.tensor([3.25, 700.9], dtype=torch.float64))
+    with pytest.raises(ValueError, match="must lie in"):
+        alphas_cumprod_at(ABAR, torch.tensor([1000.0]))
+
+
+def test_explicit_timesteps_are_used_as_given_and_checked():
+    assert sampling_timesteps(1000, 3, [999, 500, 0]).tolist() == [999, 500, 0]
+    assert sampling_timesteps(1000, 0, "999,400.5,3").tolist() == [999.0, 400.5, 3.0]
+    with pytest.raises(ValueError, match="strictly decreasing"):
+        sampling_timesteps(1000, 0, [5, 500])
+    with pytest.raises(ValueError, match="strictly decreasing"):
+        sampling_timesteps(1000, 0, [1000, 5])
+    assert sampling_timesteps(1000, 100, torch.tensor([999, 5])).tolist() == [999, 5]
+
+
+def test_unknown_spacing_suggests_the_closest():
+    with pytest.raises(ValueError, match="did you mean 'logsnr'"):
+        sampling_timesteps(1000, 10, "logsrn", ABAR)
+    with pytest.raises(ValueError, match="needs alphas_cumprod"):
+        sampling_timesteps(1000, 10, "karras")

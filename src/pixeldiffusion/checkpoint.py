@@ -7,18 +7,27 @@ Layout of a run directory::
                                                            metadata: config, step, version
     EXP_DIR/checkpoints/step-0003000/state.pt              optimizer, LR schedule, step, RNG
     EXP_DIR/checkpoints/latest                             name of the newest complete checkpoint
+    EXP_DIR/checkpoints/best                               name and score of the best one
+    EXP_DIR/train.lock                                     held while a run trains (flock)
 
 A checkpoint directory is written under a temporary name, fsync'ed and renamed into place; the
-``latest`` pointer moves last. Nothing is ever unpickled: weights load with safetensors, the
-training state with ``torch.load(weights_only=True)``.
+``latest`` pointer moves last, so a crash or a full disk mid-save leaves the previous checkpoint
+as the newest. Rotation keeps the newest ``keep_last`` plus the one ``best`` names. Nothing is ever
+unpickled: weights load with safetensors, the training state with
+``torch.load(weights_only=True)``; ``find_resumable`` skips a corrupt newest checkpoint for the
+newest one that loads.
 """
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import shutil
-from dataclasses import dataclass
+import socket
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -29,11 +38,13 @@ from torch import nn
 
 from . import __version__
 from .config import Config, from_dict
-from .errors import CheckpointError
+from .errors import CheckpointError, PixelDiffusionError
 from .unet import UNet, build_unet
 
 FORMAT = "pixeldiffusion/1"
-WEIGHTS, STATE, LATEST = "weights.safetensors", "state.pt", "latest"
+WEIGHTS, STATE, LATEST, BEST = "weights.safetensors", "state.pt", "latest", "best"
+LOCK = "train.lock"
+DISK_FULL = (errno.ENOSPC, errno.EDQUOT)
 
 
 def _fsync_dir(path: Path) -> None:
@@ -58,34 +69,93 @@ def _state_dict_cpu(model: nn.Module) -> dict[str, torch.Tensor]:
 
 
 def save_checkpoint(run_dir: str | Path, step: int, model: nn.Module, ema: nn.Module,
-                    training_state: dict[str, Any], cfg: Config, keep_last: int = 3) -> Path:
-    """Write checkpoint ``step`` into ``run_dir/checkpoints`` atomically; keep the newest
-    ``keep_last``. Returns the checkpoint directory."""
+                    training_state: dict[str, Any], cfg: Config, keep_last: int = 3, *,
+                    score: float | None = None) -> Path:
+    """Write checkpoint ``step`` into ``run_dir/checkpoints`` atomically and return its directory.
+
+    The files go to ``.step-N.tmp``, are fsync'ed and the directory is renamed into place; then
+    ``latest`` moves. A lower ``score`` than the recorded best (e.g. the mean training loss since
+    the previous save) makes it the ``best``. Afterwards only the newest ``keep_last`` and the
+    best are kept. A failed write (a full disk) removes the partial files and raises a
+    ``CheckpointError`` that names the checkpoint ``latest`` still points to.
+    """
     root = Path(run_dir) / "checkpoints"
     root.mkdir(parents=True, exist_ok=True)
     final = root / f"step-{step:07d}"
     tmp = root / f".step-{step:07d}.tmp"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
+    for stale in root.glob(".step-*.tmp"):  # left by a run killed mid-save
+        shutil.rmtree(stale, ignore_errors=True)
     tensors = {f"model.{k}": v for k, v in _state_dict_cpu(model).items()}
     tensors |= {f"ema.{k}": v for k, v in _state_dict_cpu(ema).items()}
     metadata = {"format": FORMAT, "pixeldiffusion_version": __version__, "step": str(step),
                 "config": json.dumps(cfg.to_dict()),
                 "weights": "model.* = raw training weights; ema.* = EMA weights (sample with them)"}
-    save_file(tensors, tmp / WEIGHTS, metadata=metadata)
-    torch.save(training_state, tmp / STATE)
-    for name in (WEIGHTS, STATE):
-        with open(tmp / name, "rb") as f:
-            os.fsync(f.fileno())
-    _fsync_dir(tmp)
+    try:
+        tmp.mkdir()
+        save_file(tensors, tmp / WEIGHTS, metadata=metadata)
+        torch.save(training_state, tmp / STATE)
+        for name in (WEIGHTS, STATE):
+            with open(tmp / name, "rb") as f:
+                os.fsync(f.fileno())
+        _fsync_dir(tmp)
+    except (OSError, SafetensorError, RuntimeError) as err:
+        free = shutil.disk_usage(root).free  # before the partial files are removed
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise _write_error(root, final, err, free) from None
     if final.exists():
         shutil.rmtree(final)
     os.replace(tmp, final)
     _fsync_dir(root)
-    _write_atomic_text(root / LATEST, final.name + "\n")
-    for old in list_checkpoints(run_dir)[:-keep_last]:
-        shutil.rmtree(old, ignore_errors=True)
+    try:
+        _write_atomic_text(root / LATEST, final.name + "\n")
+        if score is not None and score == score and score < best_checkpoint(run_dir)[1]:
+            _write_atomic_text(root / BEST, f"{final.name} {score!r}\n")
+    except OSError as err:
+        free = shutil.disk_usage(root).free
+        for name in (LATEST, BEST):
+            root.joinpath(f".{name}.tmp").unlink(missing_ok=True)
+        raise _write_error(root, final, err, free) from None
+    prune_checkpoints(run_dir, keep_last)
     return final
+
+
+def _write_error(root: Path, final: Path, err: BaseException, free: int) -> CheckpointError:
+    """One sentence for a failed checkpoint write: what, why, what is still there, what to do.
+    ``free`` is the space left on the disk when it failed (torch.save's error has no errno)."""
+    lines = [line for line in str(err).splitlines() if line.strip()]
+    reason = lines[0] if lines else type(err).__name__
+    full = getattr(err, "errno", None) in DISK_FULL or "No space left" in reason or free < 1 << 20
+    previous = latest_checkpoint(root.parent)
+    kept = (f"'latest' still names {previous}, which is intact" if previous is not None
+            else "no earlier checkpoint exists")
+    cause = (f"the disk is full ({free / 2**20:.1f} MiB free in {root})" if full
+             else f"the write failed ({reason})")
+    fix = ("free some space or lower --train.keep_last" if full
+           else "check that the run directory is writable")
+    return CheckpointError(f"could not save checkpoint {final.name}: {cause}; its partial files "
+                           f"were removed and {kept}. To continue, {fix} and run: "
+                           f"pixeldiffusion train -e {root.parent} --resume auto")
+
+
+def best_checkpoint(run_dir: str | Path) -> tuple[Path | None, float]:
+    """(the checkpoint ``best`` names, its score), or (None, inf) when there is none."""
+    pointer = Path(run_dir) / "checkpoints" / BEST
+    try:
+        name, score = pointer.read_text().split()
+        if (pointer.parent / name / WEIGHTS).is_file():
+            return pointer.parent / name, float(score)
+    except (OSError, ValueError):
+        pass
+    return None, float("inf")
+
+
+def prune_checkpoints(run_dir: str | Path, keep_last: int) -> None:
+    """Delete all checkpoints but the newest ``keep_last``, the one ``latest`` names and the
+    best."""
+    keep = {latest_checkpoint(run_dir), best_checkpoint(run_dir)[0]}
+    for old in list_checkpoints(run_dir)[:-keep_last]:
+        if old not in keep:
+            shutil.rmtree(old, ignore_errors=True)
 
 
 def list_checkpoints(run_dir: str | Path) -> list[Path]:
@@ -138,8 +208,11 @@ def read_metadata(path: Path) -> dict[str, str]:
         with safe_open(str(path), framework="pt") as f:
             metadata = f.metadata() or {}
     except (SafetensorError, OSError, ValueError) as err:
+        pickled = (" pixeldiffusion loads weights only from .safetensors files and never "
+                   "unpickles .pt/.pth/.ckpt files, which can run code when loaded"
+                   if path.suffix.lower() in (".pt", ".pth", ".ckpt", ".bin", ".pkl") else "")
         raise CheckpointError(f"'{path}' is not a readable safetensors checkpoint ({err}); it may "
-                              f"be truncated or of another format") from None
+                              f"be truncated or of another format.{pickled}") from None
     if metadata.get("format") != FORMAT:
         raise CheckpointError(f"'{path}' is a safetensors file but not a pixeldiffusion "
                               f"checkpoint (no '{FORMAT}' metadata)")
@@ -201,11 +274,118 @@ def load_training_state(checkpoint_dir: Path) -> dict[str, Any]:
                               f"{str(err).splitlines()[0] if str(err) else ''})") from None
 
 
-def load_training_weights(checkpoint_dir: Path, model: nn.Module, ema: nn.Module) -> None:
-    """Load raw and EMA weights of a checkpoint into the training modules."""
+def load_training_weights(checkpoint_dir: Path, model: nn.Module, ema: nn.Module,
+                          tensors: dict[str, torch.Tensor] | None = None) -> None:
+    """Load raw and EMA weights of a checkpoint (or its already read ``tensors``) into the
+    training modules; a mismatch raises a CheckpointError listing the keys and shapes."""
     weights = checkpoint_dir / WEIGHTS
-    read_metadata(weights)
-    tensors = load_file(str(weights))
+    if tensors is None:
+        tensors = load_resume_point(checkpoint_dir).tensors
     for prefix, module in (("model.", model), ("ema.", ema)):
         state = {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}
         load_state_checked(module, state, str(weights))
+
+
+# --------------------------------------------------------------------------- resuming
+
+
+@dataclass
+class ResumePoint:
+    """A checkpoint verified to load: its directory, training state, tensors, and the newer
+    checkpoints that were skipped because they did not load (path, reason)."""
+
+    path: Path
+    state: dict[str, Any]
+    tensors: dict[str, torch.Tensor]
+    skipped: list[tuple[Path, str]] = field(default_factory=list)
+
+
+def load_resume_point(checkpoint_dir: Path) -> ResumePoint:
+    """Read and check every file of one checkpoint; a ``CheckpointError`` says what is wrong."""
+    weights = checkpoint_dir / WEIGHTS
+    if not weights.is_file():
+        raise CheckpointError(f"'{checkpoint_dir}' has no {WEIGHTS}")
+    read_metadata(weights)
+    try:
+        tensors = load_file(str(weights))
+    except (SafetensorError, OSError) as err:
+        raise CheckpointError(f"'{weights}' could not be read ({err}); it may be truncated") \
+            from None
+    return ResumePoint(checkpoint_dir, load_training_state(checkpoint_dir), tensors)
+
+
+def find_resumable(run_dir: str | Path) -> ResumePoint | None:
+    """The newest checkpoint of ``run_dir`` that loads completely (the one ``latest`` names
+    first), with the newer ones that did not in ``skipped``; None if the run has none at all.
+
+    Raises a ``CheckpointError`` naming every checkpoint and its fault when none loads.
+    """
+    newest = latest_checkpoint(run_dir)
+    if newest is None:
+        return None
+    candidates = [newest] + [p for p in reversed(list_checkpoints(run_dir)) if p != newest]
+    skipped: list[tuple[Path, str]] = []
+    for path in candidates:
+        try:
+            point = load_resume_point(path)
+        except CheckpointError as err:
+            skipped.append((path, str(err)))
+            continue
+        point.skipped = skipped
+        return point
+    raise CheckpointError(f"no checkpoint in '{run_dir}' can be loaded: "
+                          + "; ".join(f"{p.name}: {why}" for p, why in skipped)
+                          + ". Start a new run with another -e EXP_DIR")
+
+
+# --------------------------------------------------------------------------- run lock
+
+
+@contextmanager
+def run_lock(run_dir: str | Path) -> Iterator[Path]:
+    """Hold ``run_dir/train.lock`` (an exclusive ``flock``) while a run trains in ``run_dir``.
+
+    The kernel releases the lock when the process ends, however it ends (kill -9 included), so a
+    stale file never blocks a later run; a live holder makes this raise a PixelDiffusionError
+    naming its pid. ``run_dir`` is created if needed and removed again if it is still empty on
+    exit. Without ``fcntl`` (Windows) the directory is not locked.
+    """
+    run_dir = Path(run_dir)
+    created = not run_dir.exists()
+    run_dir.mkdir(parents=True, exist_ok=True)
+    path = run_dir / LOCK
+    try:
+        import fcntl
+    except ImportError:  # Windows: no flock; runs are not protected against each other there
+        yield path
+        return
+    while True:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            holder = os.read(fd, 200).decode(errors="replace").strip() or "unknown"
+            os.close(fd)
+            raise PixelDiffusionError(
+                f"another training run ({holder}) is using '{run_dir}' (it holds {path}); wait "
+                f"for it to finish or stop it, then continue it with --resume auto, or pass "
+                f"another -e EXP_DIR") from None
+        try:
+            same = os.fstat(fd).st_ino == os.stat(path).st_ino
+        except FileNotFoundError:
+            same = False
+        if same:  # not a file that its previous holder unlinked after we opened it
+            break
+        os.close(fd)
+    try:
+        os.ftruncate(fd, 0)
+        os.write(fd, f"pid {os.getpid()} on {socket.gethostname()}\n".encode())
+        yield path
+    finally:
+        path.unlink(missing_ok=True)
+        os.close(fd)
+        if created:
+            try:
+                run_dir.rmdir()  # only if nothing else was written
+            except OSError:
+                pass

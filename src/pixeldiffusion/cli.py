@@ -13,6 +13,7 @@ SAMPLE_HELP = """examples:
   pixeldiffusion sample -cp runs/exp-XXX                      # newest checkpoint, EMA weights
   pixeldiffusion sample -cp runs/exp-XXX --sampler ddpm --steps 1000 --var_type fixed_large
   pixeldiffusion sample -cp ckpt.safetensors --mode progressive -bs 8 --interval 10
+  pixeldiffusion sample -cp runs/cond --class 7 --guidance 3    # class-conditional models
 """
 
 TRAIN_HELP = """Any config key can be overridden as --section.key value, e.g.
@@ -51,6 +52,11 @@ def _parser() -> argparse.ArgumentParser:
     # arguments are config overrides). Keep the list in the order of ``pixeldiffusion --help``.
     _add_train(commands)
     _add_sample(commands)
+    _add_eval(commands)
+    _add_inpaint(commands)
+    _add_interpolate(commands)
+    _add_convert(commands)
+    _add_serve(commands)
     return parser
 
 
@@ -71,11 +77,20 @@ def _add_sample(commands: argparse._SubParsersAction) -> None:
                             formatter_class=argparse.RawDescriptionHelpFormatter)
     s.add_argument("-cp", "--checkpoint", required=True,
                    help=".safetensors file, checkpoint directory or run directory")
-    s.add_argument("--sampler", choices=("ddpm", "ddim"), help="default: the checkpoint's config")
+    s.add_argument("--sampler", help="ddpm, ddim, euler, euler_ancestral, heun, dpmpp_2m, "
+                   "dpmpp_2m_sde, dpmpp_3m or unipc (default: the checkpoint's config)")
     s.add_argument("--steps", type=_positive, help="model calls; fewer than T skips steps")
     s.add_argument("--eta", type=float, help="DDIM noise; 0 deterministic, 1 = DDPM posterior")
     s.add_argument("--var_type", choices=("fixed_small", "fixed_large"), help="DDPM variance")
-    s.add_argument("--skip_type", choices=("uniform", "quadratic"), help="timestep spacing")
+    s.add_argument("--spacing", "--skip_type", dest="spacing",
+                   help="timesteps: uniform (trailing), leading, linspace, quadratic, karras, "
+                        "logsnr, or a list such as 999,600,300,100")
+    s.add_argument("--order", type=int, choices=(1, 2, 3), help="unipc order (default 3)")
+    s.add_argument("--variant", choices=("bh1", "bh2"), help="unipc B(h) variant (default bh2)")
+    s.add_argument("--dynamic_threshold", type=float, metavar="P",
+                   help="Imagen dynamic thresholding quantile, e.g. 0.995 (replaces --clip_x0)")
+    s.add_argument("--gif", metavar="PATH", help="also write the chain (x_t, or the predicted x0 "
+                   "with --mode progressive) as an animated GIF")
     s.add_argument("-bs", "--n_samples", "--batch_size", dest="n_samples", type=_positive,
                    help="number of images")
     s.add_argument("--micro_batch", type=_positive, help="images per model call")
@@ -93,6 +108,12 @@ def _add_sample(commands: argparse._SubParsersAction) -> None:
     s.add_argument("--show", action="store_true", help="open the grid in an image viewer")
     s.add_argument("--load_ema", type=_bool, default=True, help="EMA weights (default true)")
     s.add_argument("--clip_x0", type=_bool, help="clip predicted x0 to [-1, 1]")
+    s.add_argument("--class", dest="class_label", metavar="CLASS",
+                   help="conditional models: a class index (3) or name (cat), 'all' (one grid "
+                        "row of --nrow images per class) or 'random'")
+    s.add_argument("--guidance", type=float, metavar="W",
+                   help="classifier-free guidance weight: 0 unconditional, 1 conditional, "
+                        ">1 guided (default: the checkpoint's sample.guidance)")
     s.set_defaults(run=_sample)
 
 
@@ -127,6 +148,190 @@ def _sample(args: argparse.Namespace, overrides: list[str]) -> int:
     for path in run_from_args(loaded, args, device):
         print(path)
     return 0
+
+
+def _add_serve(commands: argparse._SubParsersAction) -> None:
+    serve = commands.add_parser(
+        "serve", help="browser UI: pick a checkpoint and sampler, watch images denoise",
+        description="Serve a local web page (needs the [ui] extra) where you choose a checkpoint, "
+                    "sampler, steps, seed, batch, class and guidance, press Generate and watch "
+                    "the images denoise live. Requests run one at a time.")
+    serve.add_argument("-cp", "--checkpoint", nargs="+", default=[], metavar="CKPT",
+                       help="checkpoints to offer (file, checkpoint or run directory); "
+                            "default: every run under runs/")
+    serve.add_argument("--host", default="127.0.0.1",
+                       help="address to bind (default 127.0.0.1, this machine only)")
+    serve.add_argument("--port", type=_positive, default=7860, help="port (default 7860)")
+    serve.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N | mps")
+    serve.add_argument("--load_ema", type=_bool, default=True, help="EMA weights (default true)")
+    serve.add_argument("--max_steps", type=_positive, default=1000,
+                       help="most sampling steps one request may ask for (default 1000)")
+    serve.add_argument("--max_batch", type=_positive, default=64,
+                       help="most images one request may ask for (default 64)")
+    serve.add_argument("--max_queue", type=_positive, default=8,
+                       help="most requests waiting at once; more get 'busy' (default 8)")
+    serve.set_defaults(run=_serve)
+
+
+def _serve(args: argparse.Namespace, overrides: list[str]) -> int:
+    from .device import resolve_device
+    from .serve import Limits, serve
+
+    limits = Limits(max_steps=args.max_steps, max_batch=args.max_batch, max_queue=args.max_queue)
+    serve(args.checkpoint, host=args.host, port=args.port, device=resolve_device(args.device),
+          limits=limits, use_ema=args.load_ema)
+    return 0
+
+
+def _add_inpaint(commands: argparse._SubParsersAction) -> None:
+    p = commands.add_parser(
+        "inpaint", help="fill the white region of a mask (RePaint)",
+        description="Fill the white region of --mask in --image with an unconditional model, "
+                    "keeping the rest exactly (RePaint, Lugmayr et al. 2022). The grid shows the "
+                    "masked input, then --n_samples fillings.")
+    p.add_argument("-cp", "--checkpoint", required=True,
+                   help=".safetensors file, checkpoint directory or run directory")
+    p.add_argument("--image", required=True, help="picture to complete (resized/cropped to the "
+                                                  "model's size)")
+    p.add_argument("--mask", required=True, help="same-size picture: white = fill, black = keep")
+    p.add_argument("-bs", "--n_samples", type=_positive, default=4, help="fillings (default 4)")
+    p.add_argument("--steps", type=_positive, help="sampling steps (default: the checkpoint's)")
+    p.add_argument("--jump", "--jump_length", dest="jump_length", type=_positive, default=10,
+                   help="RePaint j: steps to go back at each resampling (default 10)")
+    p.add_argument("--resample", "--jump_n_sample", dest="jump_n_sample", type=_positive,
+                   default=10, help="RePaint r: times each stretch is denoised (default 10; "
+                                    "1 = no resampling)")
+    p.add_argument("--var_type", choices=("fixed_small", "fixed_large"), help="DDPM variance")
+    p.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
+    p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N | mps")
+    p.add_argument("--load_ema", type=_bool, default=True, help="EMA weights (default true)")
+    p.add_argument("-sp", "--save_path", default="inpainted.png", help="grid PNG path")
+    p.set_defaults(run=_inpaint)
+
+
+def _inpaint(args: argparse.Namespace, overrides: list[str]) -> int:
+    from .checkpoint import load_checkpoint
+    from .device import resolve_device
+    from .edit import inpaint, save_inpainted
+
+    device = resolve_device(args.device)
+    loaded = load_checkpoint(args.checkpoint, use_ema=args.load_ema, device=device)
+    result = inpaint(loaded, args.image, args.mask, n_samples=args.n_samples,
+                     steps=args.steps or loaded.config.sample.steps,
+                     jump_length=args.jump_length, jump_n_sample=args.jump_n_sample,
+                     seed=args.seed, device=device, var_type=args.var_type)
+    print(save_inpainted(result, args.save_path, nrow=args.n_samples + 1))
+    return 0
+
+
+def _add_interpolate(commands: argparse._SubParsersAction) -> None:
+    p = commands.add_parser(
+        "interpolate", help="images along a spherical path between two noises (strip or GIF)",
+        description="Sample deterministically (DDIM, eta 0) from noises on the great circle "
+                    "between the noises of two seeds; a .gif path gives an animation.")
+    p.add_argument("-cp", "--checkpoint", required=True,
+                   help=".safetensors file, checkpoint directory or run directory")
+    p.add_argument("--seeds", type=int, nargs=2, default=(0, 1), metavar=("A", "B"),
+                   help="seeds of the two end noises (default 0 1)")
+    p.add_argument("--n_frames", type=_positive, default=8, help="images (default 8)")
+    p.add_argument("--steps", type=_positive, default=50, help="DDIM steps (default 50)")
+    p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N | mps")
+    p.add_argument("--load_ema", type=_bool, default=True, help="EMA weights (default true)")
+    p.add_argument("-sp", "--save_path", default="interpolation.png",
+                   help="strip PNG, or .gif for an animation")
+    p.set_defaults(run=_interpolate)
+
+
+def _interpolate(args: argparse.Namespace, overrides: list[str]) -> int:
+    from .checkpoint import load_checkpoint
+    from .device import resolve_device
+    from .edit import interpolate, save_interpolation
+
+    device = resolve_device(args.device)
+    loaded = load_checkpoint(args.checkpoint, use_ema=args.load_ema, device=device)
+    frames = interpolate(loaded, n_frames=args.n_frames, seeds=tuple(args.seeds),
+                         steps=args.steps, device=device, options={"eta": 0.0})
+    print(save_interpolation(frames, args.save_path))
+    return 0
+
+
+def _add_convert(commands: argparse._SubParsersAction) -> None:
+    p = commands.add_parser(
+        "convert", help="export to / import from a diffusers DDPM folder",
+        description="--to-diffusers writes a folder diffusers.DDPMPipeline.from_pretrained "
+                    "loads; --from-diffusers turns a diffusers UNet2DModel + scheduler folder "
+                    "(DDPM layout, e.g. google/ddpm-cifar10-32) into a .safetensors file that "
+                    "pixeldiffusion sample accepts.")
+    way = p.add_mutually_exclusive_group(required=True)
+    way.add_argument("--to-diffusers", "--to_diffusers", dest="to_diffusers", nargs=2,
+                     metavar=("CKPT", "OUT_DIR"))
+    way.add_argument("--from-diffusers", "--from_diffusers", dest="from_diffusers", nargs=2,
+                     metavar=("DIR", "OUT.safetensors"))
+    p.add_argument("--load_ema", type=_bool, default=True,
+                   help="--to-diffusers: export the EMA weights (default true)")
+    p.set_defaults(run=_convert)
+
+
+def _convert(args: argparse.Namespace, overrides: list[str]) -> int:
+    from .convert import from_diffusers, to_diffusers
+
+    if args.to_diffusers:
+        print(to_diffusers(*args.to_diffusers, use_ema=args.load_ema))
+    else:
+        print(from_diffusers(*args.from_diffusers))
+    return 0
+
+
+EVAL_HELP = """examples:
+  pixeldiffusion eval -cp runs/digits                         # 1,000 samples, digit-FID
+  pixeldiffusion eval -cp runs/digits --sweep sampler=ddim,dpmpp_2m nfe=10,20,50 --plot nfe.png
+  pixeldiffusion eval samples/ --ref digits                    # a folder of PNGs (or samples.npz)
+  pixeldiffusion eval -cp runs/cifar10 --extractor inception -n 50000 --ref cifar10
+Sampling options of the checkpoint's config can be overridden as --sample.KEY value.
+"""
+
+
+def _add_eval(commands: argparse._SubParsersAction) -> None:
+    e = commands.add_parser("eval", help="score samples: digit-FID, FID/IS/KID, precision/recall",
+                            epilog=EVAL_HELP, formatter_class=argparse.RawDescriptionHelpFormatter)
+    e.add_argument("input", nargs="?", help="checkpoint, image folder or samples.npz")
+    e.add_argument("-cp", "--checkpoint", help="checkpoint or run directory to sample from")
+    e.add_argument("--ref", help="reference: digits, digits-heldout, mnist, cifar10, celeba64, an "
+                                 "image folder or a statistics .npz (default: the checkpoint's "
+                                 "data set, else digits)")
+    e.add_argument("--extractor", choices=("digits", "inception"), default="digits",
+                   help="digits: offline digit classifier (digit-FID); inception: torch-fidelity "
+                        "Inception-v3 (FID, IS, KID; needs the [fid] extra)")
+    e.add_argument("--inception-weights", "--inception_weights", dest="inception_weights",
+                   metavar="PATH", help="local Inception weights (.pth) for offline machines "
+                                        "(or set PIXELDIFFUSION_INCEPTION_WEIGHTS)")
+    e.add_argument("-n", "--n_samples", type=_positive, default=1000,
+                   help="images to sample per setting (default 1000)")
+    e.add_argument("--micro_batch", type=_positive, default=250, help="images per model call")
+    e.add_argument("--sampler", help="sampler (default: the checkpoint's)")
+    e.add_argument("--steps", type=_positive, help="sampling steps (default: the checkpoint's)")
+    e.add_argument("--guidance", type=float, help="classifier-free guidance weight")
+    e.add_argument("--class", dest="class_label", metavar="CLASS",
+                   help="conditional models: class index or name, 'all' or 'random'")
+    e.add_argument("--sweep", nargs="+", metavar="KEY=V1,V2",
+                   help="evaluate every combination, e.g. sampler=ddpm,ddim steps=10,20,50 "
+                        "(sampler=all: every sampler; nfe=10,20 picks steps per sampler)")
+    e.add_argument("--seed", type=int, help="sampling seed (default: the checkpoint's)")
+    e.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N | mps")
+    e.add_argument("--load_ema", type=_bool, default=True, help="EMA weights (default true)")
+    e.add_argument("--out", default="eval", help="folder for results.csv/.md/.json and grids")
+    e.add_argument("--plot", metavar="PNG", help="also plot the metric against NFE (matplotlib)")
+    e.add_argument("--save_stats", metavar="NPZ", help="also write the reference statistics")
+    e.add_argument("--no_cache", action="store_true", help="recompute reference statistics")
+    e.add_argument("--data_root", default="data", help="where mnist/cifar10/celeba64 live")
+    e.add_argument("--no_progress", action="store_true", help="no progress bar")
+    e.set_defaults(run=_eval, takes_overrides=True)
+
+
+def _eval(args: argparse.Namespace, overrides: list[str]) -> int:
+    from .evaluate import run_from_args
+
+    return run_from_args(args, overrides)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -45,6 +45,8 @@ class DataConfig:
     class_labels: bool = _opt(False, doc="folder: use sub-folder names as class labels")
     download: bool = _opt(True, doc="download mnist/cifar10/celeba64 when missing")
     num_workers: int = _opt(-1, low=-1, high=64, doc="DataLoader workers; -1 = automatic")
+    strict: bool = _opt(False, doc="folder: stop at the first unreadable image instead of "
+                        "skipping it with a warning")
 
 
 @dataclass
@@ -57,6 +59,15 @@ class ModelConfig:
     num_heads: int = _opt(1, low=1, high=64)
     norm_groups: int = _opt(8, low=1, high=256, doc="GroupNorm groups; must divide channels")
     num_classes: int = _opt(0, low=0, high=100_000, doc="0 = unconditional")
+    class_names: tuple[str, ...] = _opt((), doc="names of labels 0..num_classes-1; training "
+                                        "fills them in from the data set")
+    # Layout details that published DDPM weights differ in (diffusers' UNet2DModel names them).
+    flip_sin_to_cos: bool = _opt(False, doc="timestep embedding [cos, sin] instead of [sin, cos]")
+    freq_shift: float = _opt(1.0, low=0.0, high=1.0, doc="embedding frequencies "
+                             "10000^(-i/(ch/2 - freq_shift)); 1 = the DDPM code")
+    norm_eps: float = _opt(1e-6, low=1e-12, high=1e-2, doc="GroupNorm epsilon")
+    downsample_padding: int = _opt(1, choices=(0, 1), doc="1 = pad all sides; 0 = right/bottom "
+                                   "only (TF 'SAME', the released DDPM models)")
 
 
 @dataclass
@@ -86,23 +97,60 @@ class TrainConfig:
     log_every: int = _opt(50, low=1, high=100_000_000)
     sample_every: int = _opt(400, low=0, high=100_000_000, doc="sample grid PNG; 0 = off")
     save_every: int = _opt(400, low=0, high=100_000_000, doc="checkpoint; 0 = at the end only")
-    keep_last: int = _opt(3, low=1, high=1000, doc="checkpoints kept besides the newest")
+    keep_last: int = _opt(3, low=1, high=1000, doc="newest checkpoints kept (plus the best)")
+    keep_best: bool = _opt(True, doc="also keep the checkpoint with the lowest mean training "
+                           "loss since the save before it (checkpoints/best names it)")
+    nan_patience: int = _opt(10, low=1, high=1_000_000, doc="NaN/Inf steps are skipped; this "
+                             "many in a row stop the run")
     tensorboard: bool = _opt(True)
+    eval_samples: int = _opt(256, low=0, high=1_000_000, doc="images sampled (EMA) to score "
+                             "quality at the end of training; 0 = off (evaluate.py)")
+    eval_every: int = _opt(0, low=0, high=100_000_000, doc="also score every N steps; 0 = only "
+                           "at the end")
+    eval_sampler: str = _opt("ddim", doc="sampler of the training-time metric")
+    eval_steps: int = _opt(20, low=1, high=100_000, doc="its sampling steps")
+    eval_metric: str = _opt("digits", choices=("digits", "inception", "both"),
+                            doc="digits = offline digit-FID vs the built-in digits; inception = "
+                            "FID vs the training data set (needs the [fid] extra)")
+    p_uncond: float = _opt(0.1, low=0.0, high=1.0, doc="conditional models: probability that a "
+                           "label is replaced by the null class (classifier-free guidance)")
+
+
+SAMPLER_NAMES = ("ddpm", "ddim", "euler", "euler_ancestral", "heun", "dpmpp_2m", "dpmpp_2m_sde",
+                 "dpmpp_3m", "unipc")  # samplers.SAMPLERS (a test keeps them equal)
+DEPRECATED_KEYS = {"sample.skip_type": "sample.spacing"}  # old configs and checkpoints still load
 
 
 @dataclass
 class SampleConfig:
-    sampler: str = _opt("ddpm", choices=("ddpm", "ddim"))
+    sampler: str = _opt("ddpm", choices=SAMPLER_NAMES, doc="samplers.SAMPLERS")
     steps: int = _opt(100, low=1, high=100_000, doc="model calls; < T skips steps")
     eta: float = _opt(0.0, low=0.0, high=10.0, doc="DDIM stochasticity; 1 = DDPM posterior")
     var_type: str = _opt("fixed_small", choices=("fixed_small", "fixed_large"))
-    skip_type: str = _opt("uniform", choices=("uniform", "quadratic"))
+    spacing: str = _opt("uniform", doc="timestep spacing: uniform (trailing), leading, linspace, "
+                        "quadratic, karras, logsnr, or a list such as 999,500,100 (schedule.py); "
+                        "alias: skip_type")
+    order: int = _opt(3, low=1, high=3, doc="unipc: order of the predictor-corrector")
+    variant: str = _opt("bh2", choices=("bh1", "bh2"), doc="unipc: B(h) = h or e^h - 1")
+    dynamic_threshold: float = _opt(0.0, low=0.0, high=0.9999, doc="Imagen dynamic thresholding "
+                                    "quantile, e.g. 0.995 (replaces clip_x0); 0 = off")
+
+    @property
+    def skip_type(self) -> str:
+        """Deprecated name of ``spacing`` (read-only), for code written before the rename."""
+        return self.spacing
     n_samples: int = _opt(64, low=1, high=1_000_000)
     batch_size: int = _opt(64, low=1, high=65536)
     nrow: int = _opt(8, low=1, high=1024)
     clip_x0: bool = _opt(True, doc="clip the predicted x0 to [-1, 1]")
     use_ema: bool = _opt(True)
     seed: int = _opt(0, low=0, high=2**63 - 1)
+    guidance: float = _opt(1.0, low=0.0, high=100.0, doc="classifier-free guidance weight w: "
+                           "0 = unconditional, 1 = conditional, > 1 = guided (guidance.py)")
+    class_label: str = _opt("random", doc="conditional models: a class index or name, 'all' "
+                            "(one grid row of nrow images per class) or 'random'")
+    guidance_interval: tuple[float, ...] = _opt((), low=0.0, doc="sigma_lo,sigma_hi: guide only "
+                                                "there (Kynkaanniemi et al. 2024); empty = always")
 
 
 @dataclass
@@ -197,6 +245,7 @@ def _check_range(key: str, value: Any, meta: dict) -> None:
 
 
 def _set(cfg: Config, key: str, value: Any) -> None:
+    key = DEPRECATED_KEYS.get(key, key)
     section_name, _, name = key.partition(".")
     if section_name not in SECTIONS:
         raise _unknown(key if name else section_name, all_keys() if name else list(SECTIONS),
@@ -239,6 +288,13 @@ def _check_consistency(cfg: Config) -> None:
             cfg.diffusion.beta_start >= cfg.diffusion.beta_end:
         raise ConfigError("config key 'diffusion.beta_start' must be smaller than "
                           "'diffusion.beta_end'")
+    if m.class_names and len(m.class_names) != m.num_classes:
+        raise ConfigError(f"config key 'model.class_names' lists {len(m.class_names)} names but "
+                          f"model.num_classes is {m.num_classes}; give one name per class")
+    interval = cfg.sample.guidance_interval
+    if interval and (len(interval) != 2 or interval[0] >= interval[1]):
+        raise ConfigError(f"config key 'sample.guidance_interval' must be two noise levels "
+                          f"sigma_lo,sigma_hi with sigma_lo < sigma_hi; got {list(interval)}")
     if cfg.sample.steps > cfg.diffusion.timesteps:
         raise ConfigError(f"config key 'sample.steps' ({cfg.sample.steps}) must be at most "
                           f"diffusion.timesteps ({cfg.diffusion.timesteps})")

@@ -75,6 +75,10 @@ class ImageDataset(Dataset):
     def __getitem__(self, i: int) -> tuple[Tensor, int]:
         raise NotImplementedError
 
+    def skipped_files(self) -> list[Path]:
+        """Files that were skipped because they could not be read (none for in-memory data)."""
+        return []
+
 
 def to_float(images: Tensor) -> Tensor:
     """uint8 pixels in [0, 255] (any shape) -> float32 in [-1, 1]: 0 -> -1, 255 -> 1."""
@@ -502,22 +506,44 @@ def load_image(path: Path, size: int, channels: int) -> Tensor:
         img.load()
         pixels = np.asarray(_resize_crop(_to_mode(img, channels), size))
     chw = pixels.reshape(size, size, channels).transpose(2, 0, 1)
-    return to_float(torch.from_numpy(np.ascontiguousarray(chw)))
+    return to_float(torch.from_numpy(np.array(chw, order="C")))  # a writable copy
+
+
+def _decode_error(path: Path, size: int, channels: int) -> str | None:
+    """None if ``path`` decodes completely, else why not (one line)."""
+    try:
+        load_image(path, size, channels)
+    except Exception as err:  # Pillow raises many types on corrupt data
+        return str(err).splitlines()[0] if str(err) else type(err).__name__
+    return None
 
 
 class FolderDataset(ImageDataset):
-    """The images under a folder, decoded lazily; with class labels from first-level sub-folders."""
+    """The images under a folder, decoded lazily; with class labels from first-level sub-folders.
 
-    def __init__(self, root: Path, image_size: int, channels: int, class_labels: bool) -> None:
+    A file that cannot be read is skipped with a warning naming it (its header when the folder
+    is scanned, its pixels when it is first decoded; ``skipped_files()`` lists them, for the
+    count at the end of a run). ``strict`` instead decodes every file up front and raises a
+    ``DataError`` naming the first bad one.
+    """
+
+    def __init__(self, root: Path, image_size: int, channels: int, class_labels: bool,
+                 strict: bool = False) -> None:
         self.root, self.image_size, self.channels = root, image_size, channels
+        self.strict = strict
         files = self._scan(root)
         self.class_names = self._classes(root, files) if class_labels else None
         self.num_classes = len(self.class_names) if self.class_names else 0
-        bad = [p for p in files if not _readable(p)]
+        if strict:
+            self._check_all(files)
+            bad = []
+        else:
+            bad = [p for p in files if not _readable(p)]
         if bad:
             shown = ", ".join(str(p.relative_to(root)) for p in bad[:3])
             warnings.warn(f"skipped {len(bad)} unreadable image file(s) in '{root}' ({shown}"
                           f"{', ...' if len(bad) > 3 else ''})", stacklevel=3)
+        self._unreadable = bad
         unreadable = set(bad)
         self.files = [p for p in files if p not in unreadable]
         if not self.files:
@@ -525,6 +551,36 @@ class FolderDataset(ImageDataset):
                             f"opened); put .png or .jpg images there or fix --data.root")
         index = {name: i for i, name in enumerate(self.class_names or [])}
         self.labels = [index[p.relative_to(root).parts[0]] if index else -1 for p in self.files]
+        # decode failures seen by any DataLoader worker: a flag per file in shared memory
+        self._failed = torch.zeros(len(self.files), dtype=torch.bool).share_memory_()
+        if not strict:
+            self._find_one_decodable()
+
+    def _check_all(self, files: list[Path]) -> None:
+        """Strict mode: decode every file (in threads), fail on the first bad one in order."""
+        with ThreadPoolExecutor(max(1, min(8, os.cpu_count() or 1))) as pool:
+            errors = pool.map(lambda p: _decode_error(p, self.image_size, self.channels), files)
+            for path, error in zip(files, errors, strict=True):
+                if error is not None:
+                    raise DataError(f"image '{path}' cannot be read ({error}); fix or remove it, "
+                                    f"or set --data.strict false to skip unreadable files")
+
+    def _find_one_decodable(self) -> None:
+        """Decode files in order until one works, so a folder of only broken files fails now
+        rather than in a DataLoader worker."""
+        for i, path in enumerate(self.files):
+            error = _decode_error(path, self.image_size, self.channels)
+            if error is None:
+                return
+            self._failed[i] = True
+            warnings.warn(f"skipped '{path}': it cannot be decoded ({error})", stacklevel=4)
+        raise DataError(f"none of the {len(self.files)} images in '{self.root}' can be decoded "
+                        f"(e.g. '{self.files[0]}'); check the files or fix --data.root")
+
+    def skipped_files(self) -> list[Path]:
+        """Unreadable files skipped so far: at the scan, and when decoding (in any worker)."""
+        failed = [self.files[i] for i in self._failed.nonzero().flatten().tolist()]
+        return sorted(self._unreadable + failed)
 
     @staticmethod
     def _scan(root: Path) -> list[Path]:
@@ -552,13 +608,21 @@ class FolderDataset(ImageDataset):
 
     def __getitem__(self, i: int) -> tuple[Tensor, int]:
         """(float32 [C, H, W] in [-1, 1], label); a file that fails to decode is replaced by the
-        next readable one, with a warning, so one bad JPEG never stops a long run."""
+        next readable one, with a warning the first time, so one bad JPEG never stops a long run
+        (in strict mode it raises a DataError instead)."""
         n = len(self.files)
         for j in range(i, i + n):
-            path = self.files[j % n]
+            k = j % n
+            if self._failed[k]:
+                continue
+            path = self.files[k]
             try:
-                return load_image(path, self.image_size, self.channels), self.labels[j % n]
+                return load_image(path, self.image_size, self.channels), self.labels[k]
             except Exception as err:  # Pillow raises many types on corrupt data; skip the file
+                if self.strict:
+                    raise DataError(f"image '{path}' cannot be read ({err}); fix or remove it, "
+                                    f"or set --data.strict false to skip it") from None
+                self._failed[k] = True
                 warnings.warn(f"could not decode '{path}' ({err}); using the next image instead",
                               stacklevel=2)
         raise DataError(f"none of the {n} images in '{self.root}' can be decoded; check the files")
@@ -566,7 +630,7 @@ class FolderDataset(ImageDataset):
 
 def _load_folder(cfg: DataConfig) -> FolderDataset:
     root = Path(cfg.root).expanduser()
-    return FolderDataset(root, cfg.image_size, cfg.channels, cfg.class_labels)
+    return FolderDataset(root, cfg.image_size, cfg.channels, cfg.class_labels, cfg.strict)
 
 
 # --------------------------------------------------------------------------- entry points

@@ -3,7 +3,9 @@ predicted x0 (progressive), plus the files a user asked for (grid PNG, single PN
 
 from __future__ import annotations
 
+import dataclasses
 import os
+from collections.abc import Callable
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -14,12 +16,13 @@ from PIL import Image
 from torch import Tensor
 
 from .checkpoint import LoadedCheckpoint
-from .config import Config, SampleConfig
+from .config import Config, SampleConfig, from_dict
 from .device import make_generator
 from .errors import PixelDiffusionError
-from .images import atomic_save, make_grid, to_pil, to_uint8
+from .guidance import guided_model, sampling_labels
+from .images import atomic_save, make_grid, save_gif, to_pil, to_uint8
 from .samplers import sample
-from .schedule import alphas_cumprod_from_betas, make_betas
+from .schedule import alphas_cumprod_from_betas, make_betas, sampling_timesteps
 
 MODES = ("sample", "denoise", "progressive")
 
@@ -35,16 +38,28 @@ def alphas_cumprod_of(cfg: Config) -> Tensor:
 class Generated:
     images: Tensor              # [N, C, H, W] in [-1, 1], the final x_0
     frames: Tensor | None       # [N, F, C, H, W] in [-1, 1] along the chain (denoise/progressive)
+    labels: Tensor | None = None  # [N] int64 class of each image (class-conditional models)
 
 
 @torch.no_grad()
 def generate(model: torch.nn.Module, cfg: Config, device: torch.device, *,
              mode: str = "sample", micro_batch: int | None = None,
-             interval: int | None = None) -> Generated:
+             interval: int | None = None, guidance: float | None = None,
+             class_label: str | int | None = None,
+             callback: Callable[[dict[str, Any]], None] | None = None) -> Generated:
     """Sample ``cfg.sample.n_samples`` images with ``cfg.sample``'s sampler and seed.
 
     mode "denoise" records x_t and "progressive" the predicted x0 every ``interval`` steps
     (default: about 10 frames), ending with the final image, through the sampler's callback.
+
+    Class-conditional models: ``class_label`` (an index, a name such as "cat", "all" for
+    ``nrow`` images of each class in class order, or "random") and the classifier-free guidance
+    weight ``guidance`` (0 unconditional, 1 conditional, > 1 guided; see guidance.py) default to
+    ``cfg.sample.class_label`` / ``cfg.sample.guidance``; the labels come back in ``labels``.
+
+    ``callback``, if given, is called after every model call with the sampler's dict
+    {"i", "t", "x_t", "x0"} (tensors on ``device``) plus "start", the index of the micro batch's
+    first image in ``images``; the browser UI (serve.py) streams its live frames from it.
     """
     if mode not in MODES:
         raise ValueError(f"unknown mode '{mode}'; use one of {MODES}")
@@ -53,27 +68,39 @@ def generate(model: torch.nn.Module, cfg: Config, device: torch.device, *,
     interval = interval or max(1, s.steps // 10)
     alphas_cumprod = alphas_cumprod_of(cfg)
     generator = make_generator(device, s.seed)
-    options: dict[str, Any] = {"eta": s.eta} if s.sampler == "ddim" else {"var_type": s.var_type}
+    options = sampler_options(s)
+    try:  # a bad spacing is the user's: one clear sentence, before any model call
+        sampling_timesteps(len(alphas_cumprod), s.steps, s.spacing, alphas_cumprod)
+    except ValueError as err:
+        raise PixelDiffusionError(str(err)) from None
     shape = (cfg.data.channels, cfg.data.image_size, cfg.data.image_size)
+    labels, w = sampling_labels(cfg, guidance, class_label)
+    n_samples = s.n_samples if labels is None else len(labels)
     images, frames = [], []
     chunk: list[Tensor] = []
 
     def record(info: dict[str, Any]) -> None:
-        if info["i"] % interval == 0:
+        if callback is not None:
+            callback({**info, "start": start})
+        if mode != "sample" and info["i"] % interval == 0:
             chunk.append((info["x_t"] if mode == "denoise" else info["x0"]).float().cpu())
 
-    for start in range(0, s.n_samples, micro_batch):
+    for start in range(0, n_samples, micro_batch):
         chunk.clear()
-        x_T = torch.randn((min(micro_batch, s.n_samples - start), *shape),
+        x_T = torch.randn((min(micro_batch, n_samples - start), *shape),
                           generator=generator, device=device)
-        x0 = sample(model, x_T, alphas_cumprod, sampler=s.sampler, steps=s.steps,
-                    skip_type=s.skip_type, prediction=cfg.diffusion.prediction,
-                    clip_x0=s.clip_x0, generator=generator,
-                    callback=record if mode != "sample" else None, **options).float().cpu()
+        net = model if labels is None else guided_model(
+            model, labels[start:start + len(x_T)], w, alphas_cumprod=alphas_cumprod,
+            interval=s.guidance_interval)
+        x0 = sample(net, x_T, alphas_cumprod, sampler=s.sampler, steps=s.steps,
+                    spacing=s.spacing, prediction=cfg.diffusion.prediction,
+                    clip_x0=s.clip_x0, dynamic_threshold=s.dynamic_threshold, generator=generator,
+                    callback=record if mode != "sample" or callback else None,
+                    **options).float().cpu()
         images.append(x0)
         if mode != "sample":
             frames.append(torch.stack([*chunk, x0], dim=1))
-    return Generated(torch.cat(images), torch.cat(frames) if frames else None)
+    return Generated(torch.cat(images), torch.cat(frames) if frames else None, labels)
 
 
 def save_grid_of(generated: Generated, path: str | Path, *, nrow: int,
@@ -106,10 +133,21 @@ def save_each(images: Tensor, save_dir: str | Path, *, grayscale: bool = False,
     return save_dir / "samples.npz"
 
 
+def sampler_options(s: SampleConfig) -> dict[str, Any]:
+    """The sampler's own keywords from the sample section (``eta`` is DDIM's only)."""
+    if s.sampler == "ddim":
+        return {"eta": s.eta}
+    if s.sampler == "ddpm":
+        return {"var_type": s.var_type}
+    if s.sampler == "unipc":
+        return {"order": s.order, "variant": s.variant}
+    return {}
+
+
 def sample_config_from_args(base: SampleConfig, args: Any) -> SampleConfig:
     """The checkpoint's sample section with the CLI's explicit choices on top."""
-    keys = ("sampler", "steps", "eta", "var_type", "skip_type", "n_samples", "nrow", "seed",
-            "clip_x0")
+    keys = ("sampler", "steps", "eta", "var_type", "spacing", "order", "variant",
+            "dynamic_threshold", "n_samples", "nrow", "seed", "clip_x0")
     chosen = {k: getattr(args, k) for k in keys if getattr(args, k, None) is not None}
     return replace(base, **chosen)
 
@@ -121,13 +159,23 @@ def run_from_args(loaded: LoadedCheckpoint, args: Any, device: torch.device) -> 
     if cfg.sample.steps > T:
         raise PixelDiffusionError(f"--steps {cfg.sample.steps} is more than the model's "
                                   f"{T} timesteps; use --steps {T} or fewer")
+    from_dict({"sample": dataclasses.asdict(cfg.sample)}, base=loaded.config)  # e.g. --eta < 0
     mode = "sample" if args.result_only else args.mode
-    generated = generate(loaded.model, cfg, device, mode=mode, micro_batch=args.micro_batch,
-                         interval=args.interval)
-    written = [save_grid_of(generated, args.save_path, nrow=cfg.sample.nrow,
+    gif = getattr(args, "gif", None)
+    chain = ("progressive" if mode == "progressive" else "denoise") if gif else mode
+    generated = generate(loaded.model, cfg, device, mode=chain, micro_batch=args.micro_batch,
+                         interval=args.interval or (1 if gif else None),
+                         guidance=getattr(args, "guidance", None),
+                         class_label=getattr(args, "class_label", None))
+    grid = generated if mode != "sample" else replace(generated, frames=None)
+    written = [save_grid_of(grid, args.save_path, nrow=cfg.sample.nrow,
                             grayscale=args.to_grayscale)]
+    if gif:
+        written.append(save_gif(generated.frames, gif, nrow=cfg.sample.nrow,
+                                grayscale=args.to_grayscale))
     if args.save_dir:
-        written.append(save_each(generated.images, args.save_dir, grayscale=args.to_grayscale))
+        written.append(save_each(generated.images, args.save_dir, grayscale=args.to_grayscale,
+                                 labels=generated.labels))
     if args.show:
         Image.open(written[0]).show()
     return written

@@ -56,3 +56,14 @@ def _format(path: Path) -> str:
 def save_grid(x: Tensor, path: str | Path, nrow: int = 8, grayscale: bool = False) -> Path:
     """Save a batch [N, C, H, W] in [-1, 1] as one grid picture at ``path``."""
     return atomic_save(to_pil(make_grid(to_uint8(x), nrow), grayscale), path)
+
+
+def save_gif(frames: Tensor, path: str | Path, nrow: int = 8, grayscale: bool = False,
+             duration_ms: int = 80, hold_ms: int = 1500) -> Path:
+    """An animated GIF of a sampling chain: frames [N, F, C, H, W] in [-1, 1] (N samples, F steps)
+    -> F grid pictures of the N samples, the last one held for ``hold_ms``; loops forever."""
+    pictures = [to_pil(make_grid(to_uint8(frames[:, f]), nrow), grayscale)
+                for f in range(frames.shape[1])]
+    durations = [duration_ms] * (len(pictures) - 1) + [hold_ms]
+    return atomic_save(pictures[0], path, format="GIF", save_all=True,
+                       append_images=pictures[1:], duration=durations, loop=0)

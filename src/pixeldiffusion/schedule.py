@@ -7,7 +7,9 @@ t = 0 is the first noising step (x_1 in the paper's 1-based notation).
 
 from __future__ import annotations
 
+import difflib
 import math
+from collections.abc import Sequence
 
 import numpy as np
 import torch
@@ -59,26 +61,124 @@ def alphas_cumprod_from_betas(betas: Tensor) -> Tensor:
     return torch.cumprod(1 - betas.double(), dim=0)
 
 
-def sampling_timesteps(T: int, steps: int, skip_type: str = "uniform") -> Tensor:
-    """The exact descending sequence of timesteps a sampler calls the model at. Long, shape [steps].
+def sigmas_of(alphas_cumprod: Tensor) -> Tensor:
+    """EDM's noise level sigma_t = sqrt((1 - abar_t) / abar_t) of x_t / sqrt(abar_t) (Karras et
+    al. 2022, Table 1, VP column). float64 [T], increasing in t. log-SNR: lambda_ = -log(sigma)."""
+    abar = alphas_cumprod.double()
+    return ((1 - abar) / abar).sqrt()
 
-    uniform:   trailing spacing, round(T - k*T/steps) - 1 for k = 0..steps-1; starts at T-1 and
-               equals T-1..0 when steps == T (Lin et al. 2024, "Common Diffusion Noise Schedules
-               and Sample Steps are Flawed", Table 2).
-    quadratic: DDIM's spacing for CIFAR-10 (Song et al. 2021, App. D.2), t ~ (k * sqrt(0.8 T)/
-               (steps-1))^2, dense near t = 0.
+
+def alphas_cumprod_at(alphas_cumprod: Tensor, t: Tensor | float) -> Tensor:
+    """abar at (possibly non-integer) timesteps t in [0, T-1], float64 of t's shape.
+
+    Integer t is an exact table look-up. Between two integers, log(sigma) is interpolated
+    linearly and abar = 1 / (1 + sigma^2), as k-diffusion's ``DiscreteSchedule`` and diffusers'
+    ``_sigma_to_t`` do, so ``timestep_of_sigma`` inverts it exactly.
     """
+    ac = alphas_cumprod.detach().double().cpu()
+    t = torch.as_tensor(t, dtype=torch.float64).cpu()
+    if not bool(((t >= 0) & (t <= len(ac) - 1)).all()):
+        raise ValueError(f"timesteps must lie in [0, {len(ac) - 1}]; got {t.tolist()}")
+    low = t.floor().long()
+    high = (low + 1).clamp(max=len(ac) - 1)
+    frac = t - low
+    log_sigma = sigmas_of(ac).log()
+    interpolated = log_sigma[low] * (1 - frac) + log_sigma[high] * frac
+    return torch.where(frac == 0, ac[low], 1 / (1 + (2 * interpolated).exp()))
+
+
+def timestep_of_sigma(alphas_cumprod: Tensor, sigma: Tensor) -> Tensor:
+    """The float timestep t whose noise level is ``sigma`` (inverse of ``alphas_cumprod_at``;
+    log(sigma) linear between integer steps). sigma is clamped to the schedule's range."""
+    log_sigma = sigmas_of(alphas_cumprod).log().numpy()
+    target = np.log(np.asarray(sigma, dtype=np.float64))
+    t = np.interp(target, log_sigma, np.arange(len(log_sigma), dtype=np.float64))
+    return torch.as_tensor(t, dtype=torch.float64)
+
+
+SPACINGS = ("uniform", "leading", "linspace", "quadratic", "karras", "logsnr")
+
+
+def _explicit(spacing: str | Sequence[float] | Tensor) -> Tensor | None:
+    """An explicit list of timesteps (a sequence, or text such as "999,500,100"), else None."""
+    if isinstance(spacing, str):
+        if not spacing.replace(",", "").replace(".", "").replace(" ", "").isdigit():
+            return None
+        values = [float(v) for v in spacing.split(",") if v.strip()]
+    else:
+        values = [float(v) for v in spacing]
+    seq = torch.tensor(values, dtype=torch.float64)
+    return seq.long() if bool((seq == seq.round()).all()) else seq
+
+
+def sampling_timesteps(T: int, steps: int, spacing: str | Sequence[float] | Tensor = "uniform",
+                       alphas_cumprod: Tensor | None = None, *, rho: float = 7.0) -> Tensor:
+    """The exact descending sequence of timesteps a sampler calls the model at, shape [steps].
+
+    Integer spacings return a long tensor; ``karras`` and ``logsnr`` return float64 timesteps
+    (abar between integers: ``alphas_cumprod_at``). After the last one, samplers step to the
+    data (abar = 1). With n = steps:
+
+    uniform:   trailing, round(T - k T/n) - 1, k = 0..n-1: starts at T-1, ends at T/n - 1; all of
+               T-1..0 when n = T (Lin et al. 2024, "Common Diffusion Noise Schedules and Sample
+               Steps are Flawed", Table 2).
+    leading:   k floor(T/n) for k = n-1..0, DDIM's original code (Song et al. 2021); ends at 0
+               but starts at (n-1) floor(T/n), below T-1 (Lin et al. 2024 show why that hurts).
+    linspace:  round(linspace(T-1, 0, n)): starts at T-1, ends at 0 (Lin et al. 2024, Table 2).
+    quadratic: DDIM's CIFAR-10 spacing (Song et al. 2021, App. D.2), t ~ (k sqrt(0.8 T)/(n-1))^2,
+               dense near t = 0; starts at int(0.8 T) (later when steps near T push repeated
+               low timesteps up), ends at 0.
+    karras:    EDM's sigma_k = (sigma_max^(1/rho) + k/(n-1) (sigma_min^(1/rho) - sigma_max^(1/rho)))
+               ^rho (Karras et al. 2022, eq. 5, rho = 7) between sigma(T-1) and sigma(0):
+               starts at T-1, ends at 0. Needs ``alphas_cumprod``.
+    logsnr:    uniform in lambda_ = log(alpha/sigma) from lambda_(T-1) to lambda_(0) (Lu et al.
+               2022, DPM-Solver, Sec. 3.3 "time uniform in lambda"): starts at T-1, ends at 0.
+               Needs ``alphas_cumprod``.
+    A list or tensor of timesteps (or text "999,500,100"): used as given; it must be strictly
+    decreasing within [0, T-1]; ``steps`` is then ignored (the list's length is the count).
+    """
+    explicit = _explicit(spacing)
+    if explicit is not None:
+        if not (len(explicit) and bool((explicit[:-1] > explicit[1:]).all())
+                and float(explicit[-1]) >= 0 and float(explicit[0]) <= T - 1):
+            raise ValueError(f"explicit timesteps must be strictly decreasing within [0, {T - 1}];"
+                             f" got {explicit.tolist()}")
+        return explicit
+    if spacing not in SPACINGS:
+        close = difflib.get_close_matches(str(spacing), SPACINGS, n=1)
+        hint = f"did you mean '{close[0]}'? " if close else ""
+        raise ValueError(f"unknown spacing '{spacing}'; {hint}use one of {', '.join(SPACINGS)} or "
+                         f"a comma-separated list of timesteps")
     if not 1 <= steps <= T:
         raise ValueError(f"steps must be in [1, {T}] (the model's timesteps); got {steps}")
-    if skip_type == "uniform":
+    if spacing in ("karras", "logsnr"):
+        if alphas_cumprod is None:
+            raise ValueError(f"the '{spacing}' spacing needs alphas_cumprod")
+        sigmas = sigmas_of(alphas_cumprod)
+        sigma_min, sigma_max = float(sigmas[0]), float(sigmas[-1])
+        ramp = np.linspace(0, 1, steps)
+        if spacing == "karras":  # EDM eq. 5
+            inv_rho_min, inv_rho_max = sigma_min ** (1 / rho), sigma_max ** (1 / rho)
+            sigma = (inv_rho_max + ramp * (inv_rho_min - inv_rho_max)) ** rho
+        else:  # uniform in lambda_ = -log(sigma)
+            sigma = np.exp(np.log(sigma_max) + ramp * (np.log(sigma_min) - np.log(sigma_max)))
+        seq = timestep_of_sigma(alphas_cumprod, torch.from_numpy(sigma))
+        seq[0] = T - 1  # exact end points, free of round-off
+        if steps > 1:
+            seq[-1] = 0
+        assert bool((seq[:-1] > seq[1:]).all()), seq
+        return seq
+    if spacing == "uniform":
         seq = np.round(np.arange(T, 0, -T / steps)).astype(np.int64) - 1
-    elif skip_type == "quadratic":
+    elif spacing == "leading":
+        seq = (np.arange(steps) * (T // steps))[::-1]
+    elif spacing == "linspace":
+        seq = np.round(np.linspace(T - 1, 0, steps)).astype(np.int64)
+    else:  # quadratic
         ascending = (np.linspace(0, np.sqrt(T * 0.8), steps) ** 2).astype(np.int64)
         # at many steps the low end repeats; push repeats up so every call is at a new t
         k = np.arange(steps)
         seq = (np.maximum.accumulate(ascending - k) + k)[::-1]
-    else:
-        raise ValueError(f"unknown skip type '{skip_type}'; use uniform or quadratic")
     seq = torch.from_numpy(seq.copy())
     assert bool((seq[:-1] > seq[1:]).all()) and 0 <= int(seq[-1]) and int(seq[0]) < T, seq
     return seq

@@ -29,18 +29,23 @@ from .errors import ConfigError
 GROUP_NORM_EPS = 1e-6  # tf.contrib.layers.group_norm, as in the DDPM code
 
 
-def timestep_embedding(t: Tensor, dim: int, max_period: float = 10000.0) -> Tensor:
+def timestep_embedding(t: Tensor, dim: int, max_period: float = 10000.0, *,
+                       flip_sin_to_cos: bool = False, freq_shift: float = 1.0) -> Tensor:
     """Sinusoidal embedding of (possibly fractional) timesteps, as ``get_timestep_embedding``.
 
     t: [N] timesteps, any real dtype. Returns [N, dim] float32: ``sin`` in the first half and
-    ``cos`` in the second, frequencies ``max_period ** (-i / (dim // 2 - 1))``; an odd ``dim`` is
-    padded with one zero column. Computed in float32 whatever the autocast state.
+    ``cos`` in the second (swapped with ``flip_sin_to_cos``), frequencies
+    ``max_period ** (-i / (dim // 2 - freq_shift))``; an odd ``dim`` is padded with one zero
+    column. The defaults are the DDPM code's; diffusers' ``Timesteps`` names the same two knobs.
+    Computed in float32 whatever the autocast state.
     """
     half = dim // 2
-    exponent = torch.arange(half, device=t.device, dtype=torch.float32) / max(half - 1, 1)
+    exponent = torch.arange(half, device=t.device, dtype=torch.float32) / max(half - freq_shift, 1)
     freqs = torch.exp(-math.log(max_period) * exponent)
     args = t.float()[:, None] * freqs[None]
     emb = torch.cat([torch.sin(args), torch.cos(args)], dim=1)
+    if flip_sin_to_cos:
+        emb = torch.cat([emb[:, half:], emb[:, :half]], dim=1)
     return F.pad(emb, (0, 1)) if dim % 2 else emb
 
 
@@ -64,12 +69,13 @@ class ResBlock(nn.Module):
     forward(x [N, in_ch, H, W], temb [N, temb_ch]) -> [N, out_ch, H, W].
     """
 
-    def __init__(self, in_ch: int, out_ch: int, temb_ch: int, dropout: float, groups: int):
+    def __init__(self, in_ch: int, out_ch: int, temb_ch: int, dropout: float, groups: int,
+                 eps: float = GROUP_NORM_EPS):
         super().__init__()
-        self.norm1 = nn.GroupNorm(groups, in_ch, eps=GROUP_NORM_EPS)
+        self.norm1 = nn.GroupNorm(groups, in_ch, eps=eps)
         self.conv1 = nn.Conv2d(in_ch, out_ch, 3, padding=1)
         self.temb_proj = nn.Linear(temb_ch, out_ch)
-        self.norm2 = nn.GroupNorm(groups, out_ch, eps=GROUP_NORM_EPS)
+        self.norm2 = nn.GroupNorm(groups, out_ch, eps=eps)
         self.dropout = nn.Dropout(dropout)
         self.conv2 = _zero(nn.Conv2d(out_ch, out_ch, 3, padding=1))
         self.skip = nn.Conv2d(in_ch, out_ch, 1) if in_ch != out_ch else nn.Identity()  # NIN
@@ -88,10 +94,10 @@ class AttnBlock(nn.Module):
     layout of ``x`` (contiguous or channels_last).
     """
 
-    def __init__(self, ch: int, num_heads: int, groups: int):
+    def __init__(self, ch: int, num_heads: int, groups: int, eps: float = GROUP_NORM_EPS):
         super().__init__()
         self.num_heads = num_heads
-        self.norm = nn.GroupNorm(groups, ch, eps=GROUP_NORM_EPS)
+        self.norm = nn.GroupNorm(groups, ch, eps=eps)
         self.qkv = nn.Conv2d(ch, 3 * ch, 1)
         self.proj_out = _zero(nn.Conv2d(ch, ch, 1))
 
@@ -106,14 +112,20 @@ class AttnBlock(nn.Module):
 
 
 class Downsample(nn.Module):
-    """Stride-2 3x3 convolution: [N, C, H, W] -> [N, C, H/2, W/2]."""
+    """Stride-2 3x3 convolution: [N, C, H, W] -> [N, C, H/2, W/2].
 
-    def __init__(self, ch: int):
+    ``padding=1`` pads one pixel on every side; ``padding=0`` pads only the right and bottom
+    edges, which is TensorFlow's "SAME" for stride 2 as in the released DDPM models (diffusers'
+    ``downsample_padding=0``).
+    """
+
+    def __init__(self, ch: int, padding: int = 1):
         super().__init__()
-        self.conv = nn.Conv2d(ch, ch, 3, stride=2, padding=1)
+        self.padding = padding
+        self.conv = nn.Conv2d(ch, ch, 3, stride=2, padding=padding)
 
     def forward(self, x: Tensor) -> Tensor:
-        return self.conv(x)
+        return self.conv(x if self.padding else F.pad(x, (0, 1, 0, 1)))
 
 
 class Upsample(nn.Module):
@@ -176,13 +188,18 @@ class UNet(nn.Module):
         num_classes: 0 for an unconditional model, else the number of class labels; label
             ``num_classes`` (``null_class``) means "no label" for classifier-free guidance.
         out_channels: output channels, ``in_channels`` by default.
+        flip_sin_to_cos, freq_shift: the timestep embedding's layout (``timestep_embedding``).
+        norm_eps: epsilon of every GroupNorm.
+        downsample_padding: 1 (pad all sides) or 0 (right/bottom only, TF "SAME"); ``Downsample``.
     """
 
     def __init__(self, *, in_channels: int, image_size: int, channels: int = 64,
                  channel_mult: Sequence[int] = (1, 2, 2), num_res_blocks: int = 2,
                  attn_resolutions: Sequence[int] = (16,), dropout: float = 0.1,
                  num_heads: int = 1, norm_groups: int = 32, num_classes: int = 0,
-                 out_channels: int | None = None):
+                 out_channels: int | None = None, flip_sin_to_cos: bool = False,
+                 freq_shift: float = 1.0, norm_eps: float = GROUP_NORM_EPS,
+                 downsample_padding: int = 1):
         super().__init__()
         _check_config(image_size, channels, channel_mult, attn_resolutions, num_heads,
                       norm_groups)
@@ -192,6 +209,7 @@ class UNet(nn.Module):
         self.num_levels = len(channel_mult)
         self.num_classes = num_classes
         self.null_class = num_classes
+        self.flip_sin_to_cos, self.freq_shift = flip_sin_to_cos, freq_shift
         temb_ch = 4 * channels
 
         self.temb = nn.Sequential(nn.Linear(channels, temb_ch), nn.SiLU(),
@@ -199,10 +217,10 @@ class UNet(nn.Module):
         self.class_emb = nn.Embedding(num_classes + 1, temb_ch) if num_classes > 0 else None
 
         def res_block(in_ch: int, out_ch: int) -> ResBlock:
-            return ResBlock(in_ch, out_ch, temb_ch, dropout, norm_groups)
+            return ResBlock(in_ch, out_ch, temb_ch, dropout, norm_groups, norm_eps)
 
         def attn_block(ch: int) -> AttnBlock:
-            return AttnBlock(ch, num_heads, norm_groups)
+            return AttnBlock(ch, num_heads, norm_groups, norm_eps)
 
         # Down path: every block's output is a skip connection for the up path.
         self.conv_in = nn.Conv2d(in_channels, channels, 3, padding=1)
@@ -217,7 +235,7 @@ class UNet(nn.Module):
                 self.down.append(EmbedSequential(*blocks))
                 skip_chs.append(ch)
             if level != self.num_levels - 1:
-                self.down.append(EmbedSequential(Downsample(ch)))
+                self.down.append(EmbedSequential(Downsample(ch, downsample_padding)))
                 skip_chs.append(ch)
                 res //= 2
 
@@ -236,7 +254,7 @@ class UNet(nn.Module):
                     res *= 2
                 self.up.append(EmbedSequential(*blocks))
 
-        self.norm_out = nn.GroupNorm(norm_groups, ch, eps=GROUP_NORM_EPS)
+        self.norm_out = nn.GroupNorm(norm_groups, ch, eps=norm_eps)
         self.conv_out = _zero(nn.Conv2d(ch, self.out_channels, 3, padding=1))
 
     def _embed(self, t: Tensor | float, y: Tensor | None, n: int, device: torch.device) -> Tensor:
@@ -247,7 +265,8 @@ class UNet(nn.Module):
         if t.shape != (n,):
             raise ValueError(f"timesteps t must have shape [{n}] or be a scalar; "
                              f"got shape {list(t.shape)}")
-        temb = self.temb(timestep_embedding(t, self.channels))
+        temb = self.temb(timestep_embedding(t, self.channels, flip_sin_to_cos=self.flip_sin_to_cos,
+                                            freq_shift=self.freq_shift))
         if self.class_emb is None:
             if y is not None:
                 raise ValueError("class labels y were given to an unconditional model; "
@@ -304,7 +323,9 @@ def build_unet(cfg: ModelConfig, *, in_channels: int, image_size: int) -> UNet:
                 channel_mult=tuple(cfg.channel_mult), num_res_blocks=cfg.num_res_blocks,
                 attn_resolutions=tuple(cfg.attn_resolutions), dropout=cfg.dropout,
                 num_heads=cfg.num_heads, norm_groups=cfg.norm_groups,
-                num_classes=cfg.num_classes)
+                num_classes=cfg.num_classes, flip_sin_to_cos=cfg.flip_sin_to_cos,
+                freq_shift=cfg.freq_shift, norm_eps=cfg.norm_eps,
+                downsample_padding=cfg.downsample_padding)
 
 
 def count_parameters(model: nn.Module) -> int:

@@ -1,0 +1,179 @@
+"""Classifier-free guidance (Ho & Salimans 2022): label dropout for training, a guided model for
+sampling, and the class labels a user asks for.
+
+Convention (Ho & Salimans 2022, eq. 6, written with w = 1 + their w):
+
+    eps_guided = eps_uncond + w (eps_cond - eps_uncond)
+
+so w = 0 is the unconditional model, w = 1 the plain conditional model and w > 1 pushes samples
+towards their class (fewer, cleaner modes). The null label ("no class") is index
+``model.null_class`` = ``num_classes``; training replaces labels by it with probability
+``train.p_uncond`` so that the same network learns both eps_cond and eps_uncond.
+
+Guidance wraps the *model*, not the sampler: ``guided_model(model, labels, w)`` is again a
+``model(x_t, t) -> eps | x0 | v`` callable, so every sampler in ``samplers.py`` gets it for free.
+The conditional and unconditional outputs come from ONE batched forward pass (inputs stacked
+along the batch axis). Because x0, eps and v are affine in the network output for a fixed x_t
+and t (``diffusion.x0_eps_from_output``), combining raw outputs with the formula above gives
+exactly eps_guided for eps-, x0- and v-prediction models alike.
+"""
+
+from __future__ import annotations
+
+import difflib
+import math
+from collections.abc import Callable, Sequence
+
+import torch
+from torch import Tensor
+
+from .config import Config
+from .errors import PixelDiffusionError
+
+Model = Callable[..., Tensor]
+CLASS_KEYWORDS = ("all", "random")
+
+
+def drop_labels(y: Tensor, p_uncond: float, null_class: int,
+                generator: torch.Generator | None = None) -> Tensor:
+    """Replace each label of y (int64 [B]) by ``null_class`` with probability ``p_uncond``
+    (Ho & Salimans 2022, Alg. 1: "c <- null with probability p_uncond"). Returns a new tensor;
+    the coin flips are drawn from ``generator`` (on its device)."""
+    if p_uncond <= 0:
+        return y
+    device = generator.device if generator is not None else y.device
+    drop = torch.rand(y.shape, generator=generator, device=device).lt(p_uncond).to(y.device)
+    return torch.where(drop, torch.full_like(y, null_class), y)
+
+
+def sigma_of(abar_t: float) -> float:
+    """The noise level sigma = sqrt((1 - abar_t) / abar_t) of x_t / sqrt(abar_t) (EDM's sigma,
+    Karras et al. 2022), the axis on which the guidance interval is stated."""
+    return math.sqrt((1.0 - abar_t) / abar_t)
+
+
+def guided_model(model: Model, labels: Tensor, guidance: float = 1.0, *,
+                 alphas_cumprod: Tensor | None = None,
+                 interval: Sequence[float] = ()) -> Callable[[Tensor, Tensor], Tensor]:
+    """``model(x_t, t, y)`` with fixed class ``labels`` and guidance weight w, as a plain
+    ``model(x_t, t) -> output`` for any sampler.
+
+    model: a class-conditional network with a ``null_class`` attribute (the UNet), called as
+        ``model(x_t, t, y=labels)``; its output (eps, x0 or v) keeps the model's parameterisation.
+    labels: int64 [N] in [0, num_classes - 1], one per sample of the x_t the sampler passes.
+    guidance: w in output = out_uncond + w (out_cond - out_uncond); w = 1 calls only the
+        conditional model, w = 0 only the unconditional one (one forward pass of N either way);
+        otherwise one forward pass of 2N (cond and uncond stacked).
+    interval: optional (sigma_lo, sigma_hi): guide only at steps with sigma_lo < sigma <= sigma_hi
+        and use the plain conditional model elsewhere (Kynkäänniemi et al. 2024, "Applying
+        guidance in a limited interval", eq. 2); needs ``alphas_cumprod`` (float [T]) to turn
+        timesteps into sigma. Empty: guide at every step.
+    """
+    null_class = int(model.null_class)  # type: ignore[attr-defined]
+    if interval and alphas_cumprod is None:
+        raise ValueError("a guidance interval needs alphas_cumprod to map timesteps to sigma")
+    sigma_lo, sigma_hi = (float(interval[0]), float(interval[1])) if interval else (0.0, math.inf)
+    abar = alphas_cumprod.detach().double().cpu() if alphas_cumprod is not None else None
+
+    def forward(x_t: Tensor, t: Tensor) -> Tensor:
+        y = labels.to(x_t.device)
+        w = guidance
+        if interval:
+            sigma = sigma_of(float(abar[int(t.reshape(-1)[0])]))
+            w = guidance if sigma_lo < sigma <= sigma_hi else 1.0
+        if w == 1.0:
+            return model(x_t, t, y=y)
+        null = torch.full_like(y, null_class)
+        if w == 0.0:
+            return model(x_t, t, y=null)
+        # one batched pass: [x_t; x_t] with [y; null]
+        out_cond, out_uncond = model(torch.cat([x_t, x_t]), torch.cat([t, t]),
+                                     y=torch.cat([y, null])).chunk(2)
+        return out_uncond + w * (out_cond - out_uncond)  # Ho & Salimans 2022, eq. 6
+    return forward
+
+
+def class_names_or_indices(num_classes: int, class_names: Sequence[str]) -> list[str]:
+    """The names of labels 0..num_classes-1; their indices as text where no names were saved."""
+    return list(class_names) if class_names else [str(k) for k in range(num_classes)]
+
+
+def _valid(names: list[str]) -> str:
+    listed = ", ".join(f"{k} ({name})" if name != str(k) else name for k, name in enumerate(names))
+    return f"{listed}, or all / random"
+
+
+def parse_class(spec: str | int, num_classes: int, class_names: Sequence[str] = ()) -> int | str:
+    """A user's class choice -> a label index, or the keyword "all" / "random".
+
+    ``spec`` is "all", "random", a class name (e.g. "cat", or a sub-folder name) or an index.
+    Raises a PixelDiffusionError listing the valid classes for anything else, and for any choice
+    on an unconditional model (``num_classes`` 0).
+    """
+    text = str(spec).strip()
+    if num_classes == 0:
+        raise PixelDiffusionError(f"class '{text}' was requested but this model is unconditional "
+                                  f"(model.num_classes 0); drop --class and --guidance, or train "
+                                  f"a conditional model (e.g. -c configs/mnist_cond.yaml)")
+    names = class_names_or_indices(num_classes, class_names)
+    if text in CLASS_KEYWORDS:
+        return text
+    if text in names:
+        return names.index(text)
+    try:
+        index = int(text)
+    except ValueError:
+        close = difflib.get_close_matches(text, names, n=1)
+        hint = f"did you mean '{close[0]}'? " if close else ""
+        raise PixelDiffusionError(f"unknown class '{text}'; {hint}valid classes: "
+                                  f"{_valid(names)}") from None
+    if not 0 <= index < num_classes:
+        raise PixelDiffusionError(f"class {index} is out of range: this model has {num_classes} "
+                                  f"classes, 0..{num_classes - 1}; valid classes: {_valid(names)}")
+    return index
+
+
+def class_labels(spec: str | int, n: int, num_classes: int, class_names: Sequence[str] = (), *,
+                 per_class: int = 8, seed: int = 0) -> Tensor:
+    """The int64 labels to sample for a class choice (see ``parse_class``).
+
+    An index or name: ``n`` copies. "random": ``n`` labels uniform over the classes, drawn from
+    a CPU generator seeded with ``seed``. "all": ``per_class`` of each class in order, i.e.
+    ``num_classes * per_class`` labels, one grid row per class when rows are ``per_class`` wide.
+    """
+    choice = parse_class(spec, num_classes, class_names)
+    if choice == "all":
+        return torch.arange(num_classes).repeat_interleave(per_class)
+    if choice == "random":
+        return torch.randint(0, num_classes, (n,), generator=torch.Generator().manual_seed(seed))
+    return torch.full((n,), int(choice), dtype=torch.long)
+
+
+def sampling_labels(cfg: Config, guidance: float | None = None,
+                    class_label: str | int | None = None) -> tuple[Tensor | None, float]:
+    """(labels int64 [N] or None, w) for sampling ``cfg``'s model; arguments that are None take
+    ``cfg.sample.guidance`` / ``cfg.sample.class_label``.
+
+    Unconditional models (``model.num_classes`` 0) get (None, 1.0); passing them ``guidance`` or
+    ``class_label`` (or a config asking for a class or w != 1) is a PixelDiffusionError naming
+    the fix.
+    """
+    s, m = cfg.sample, cfg.model
+    w = s.guidance if guidance is None else float(guidance)
+    spec = s.class_label if class_label is None else class_label
+    if m.num_classes == 0:
+        if guidance is not None or w != 1.0:
+            what = f"--guidance {w:g}"
+        elif class_label is not None or str(spec) != "random":
+            what = f"--class {spec}"
+        else:
+            return None, 1.0
+        raise PixelDiffusionError(f"{what} needs a class-conditional model, but this one is "
+                                  f"unconditional (model.num_classes 0); drop --class and "
+                                  f"--guidance, or train one with -c configs/mnist_cond.yaml")
+    if not 0.0 <= w <= 100.0:
+        raise PixelDiffusionError(f"guidance weight {w:g} is out of range; use a w in [0, 100] "
+                                  f"(0 = unconditional, 1 = conditional)")
+    labels = class_labels(spec, s.n_samples, m.num_classes, m.class_names, per_class=s.nrow,
+                          seed=s.seed)
+    return labels, w

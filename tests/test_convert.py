@@ -1,0 +1,210 @@
+"""diffusers interop: small random diffusers models built here (no download), converted both ways,
+compared output for output against diffusers itself."""
+
+import copy
+import json
+
+import pytest
+import torch
+
+diffusers = pytest.importorskip("diffusers")
+
+from pixeldiffusion.checkpoint import load_checkpoint, save_checkpoint  # noqa: E402
+from pixeldiffusion.cli import main  # noqa: E402
+from pixeldiffusion.config import load_config  # noqa: E402
+from pixeldiffusion.convert import from_diffusers, to_diffusers  # noqa: E402
+from pixeldiffusion.errors import CheckpointError  # noqa: E402
+from pixeldiffusion.generate import alphas_cumprod_of  # noqa: E402
+from pixeldiffusion.samplers import SAMPLERS, make_denoiser, sample  # noqa: E402
+from pixeldiffusion.unet import build_unet  # noqa: E402
+
+# The layout of google/ddpm-cifar10-32 (the DDPM release: TF "SAME" downsampling, [sin, cos]
+# embedding, GroupNorm eps 1e-6, attention at the second level), shrunk to 3x16x16.
+DDPM_RELEASE = dict(downsample_padding=0, flip_sin_to_cos=False, freq_shift=1, norm_eps=1e-6,
+                    attention_head_dim=None)
+# diffusers' own defaults, as its training example writes them (two attention heads here).
+DIFFUSERS_DEFAULTS = dict(attention_head_dim=8)
+
+
+def _randomize(module: torch.nn.Module, seed: int) -> None:
+    """Random weights everywhere (both libraries zero some layers at init)."""
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in module.parameters():
+            p.copy_(torch.randn(p.shape, generator=generator) * 0.2)
+
+
+def _diffusers_folder(path, layout, *, channels=3, scheduler=None, **changes):
+    unet = diffusers.UNet2DModel(
+        sample_size=16, in_channels=channels, out_channels=channels,
+        block_out_channels=(8, 16, 16), layers_per_block=1, norm_num_groups=4,
+        down_block_types=("DownBlock2D", "AttnDownBlock2D", "DownBlock2D"),
+        up_block_types=("UpBlock2D", "AttnUpBlock2D", "UpBlock2D"), **{**layout, **changes})
+    _randomize(unet, 0)
+    scheduler = scheduler or diffusers.DDPMScheduler(num_train_timesteps=50)
+    diffusers.DDPMPipeline(unet=unet.eval(), scheduler=scheduler).save_pretrained(path)
+    return unet.eval(), scheduler
+
+
+def _inputs(channels=3, size=16):
+    generator = torch.Generator().manual_seed(1)
+    return torch.randn(3, channels, size, size, generator=generator), torch.tensor([0, 17, 49])
+
+
+@pytest.mark.parametrize("layout", [DDPM_RELEASE, DIFFUSERS_DEFAULTS],
+                         ids=["ddpm-release", "diffusers-defaults"])
+def test_import_matches_diffusers_outputs_and_schedule(tmp_path, layout):
+    unet, scheduler = _diffusers_folder(tmp_path / "hf", layout)
+    ours = load_checkpoint(from_diffusers(tmp_path / "hf", tmp_path / "m.safetensors")).model
+    x, t = _inputs()
+    with torch.no_grad():
+        want, got = unet(x, t).sample, ours(x, t)
+    diff = float((want - got).abs().max())
+    print(f"import max abs difference: {diff:.2e} (outputs up to {float(want.abs().max()):.2f})")
+    assert diff < 1e-5
+    cfg = load_checkpoint(tmp_path / "m.safetensors").config
+    torch.testing.assert_close(alphas_cumprod_of(cfg), scheduler.alphas_cumprod.double(),
+                               rtol=0, atol=1e-6)
+
+
+def test_export_loads_in_ddpm_pipeline_matches_and_round_trips(tmp_path, tiny_args):
+    cfg = load_config(None, tiny_args + ["--model.num_heads", "2",
+                                         "--diffusion.beta_schedule", "cosine",
+                                         "--model.downsample_padding", "0"])
+    model = build_unet(cfg.model, in_channels=cfg.data.channels, image_size=cfg.data.image_size)
+    _randomize(model, 2)
+    ckpt = save_checkpoint(tmp_path / "run", 7, model, copy.deepcopy(model), {}, cfg)
+    out = tmp_path / "exported"
+    assert main(["convert", "--to-diffusers", str(tmp_path / "run"), str(out)]) == 0
+    pipe = diffusers.DDPMPipeline.from_pretrained(out)
+    x, t = _inputs(channels=1, size=32)
+    with torch.no_grad():
+        want, got = model.eval()(x, t), pipe.unet(x, t).sample
+    diff = float((want - got).abs().max())
+    print(f"export max abs difference: {diff:.2e} (outputs up to {float(want.abs().max()):.2f})")
+    assert diff < 1e-5
+    torch.testing.assert_close(pipe.scheduler.alphas_cumprod.double(), alphas_cumprod_of(cfg),
+                               rtol=0, atol=1e-6)
+    images = pipe(batch_size=2, num_inference_steps=2, output_type="np",
+                  generator=torch.Generator().manual_seed(0)).images
+    assert images.shape == (2, 32, 32, 1) and (images >= 0).all() and (images <= 1).all()
+    # and back: the very same tensors
+    assert main(["convert", "--from-diffusers", str(out), str(tmp_path / "back.safetensors")]) == 0
+    back = load_checkpoint(tmp_path / "back.safetensors")
+    original = load_checkpoint(ckpt)
+    assert back.config.model == original.config.model
+    assert back.config.diffusion.beta_schedule == "cosine"
+    for key, value in original.model.state_dict().items():
+        assert torch.equal(back.model.state_dict()[key], value), key
+
+
+def test_sigmoid_schedule_exports_as_trained_betas(tmp_path, tiny_args):
+    cfg = load_config(None, tiny_args + ["--diffusion.beta_schedule", "sigmoid",
+                                         "--diffusion.prediction", "v"])
+    model = build_unet(cfg.model, in_channels=cfg.data.channels, image_size=cfg.data.image_size)
+    save_checkpoint(tmp_path / "run", 1, model, copy.deepcopy(model), {}, cfg)
+    to_diffusers(tmp_path / "run", tmp_path / "out")
+    scheduler = diffusers.DDPMScheduler.from_pretrained(tmp_path / "out", subfolder="scheduler")
+    assert scheduler.config.prediction_type == "v_prediction"
+    torch.testing.assert_close(scheduler.alphas_cumprod.double(), alphas_cumprod_of(cfg),
+                               rtol=0, atol=1e-6)
+    back = load_checkpoint(from_diffusers(tmp_path / "out", tmp_path / "b.safetensors"))
+    assert back.config.diffusion.beta_schedule == "sigmoid"
+    assert back.config.diffusion.prediction == "v"
+
+
+def test_our_ddim_on_an_imported_model_equals_diffusers_ddim(tmp_path):
+    """Same weights, same noise, same timesteps: our DDIM sampler and diffusers' DDIMScheduler
+    give the same images; and DPM-Solver++ (or DDIM) samples from the imported model."""
+    unet, _ = _diffusers_folder(tmp_path / "hf", DDPM_RELEASE)
+    loaded = load_checkpoint(from_diffusers(tmp_path / "hf", tmp_path / "m.safetensors"))
+    ddim = diffusers.DDIMScheduler(num_train_timesteps=50, clip_sample=True)
+    ddim.set_timesteps(5)
+    x_T = torch.randn(2, 3, 16, 16, generator=torch.Generator().manual_seed(3))
+    x = x_T
+    with torch.no_grad():
+        for t in ddim.timesteps:
+            x = ddim.step(unet(x, t).sample, t, x, eta=0.0,
+                          use_clipped_model_output=True).prev_sample  # eps from clipped x0
+    alphas_cumprod = alphas_cumprod_of(loaded.config)
+    denoise = make_denoiser(loaded.model, alphas_cumprod, clip_x0=True)
+    ours = SAMPLERS["ddim"](denoise, x_T, ddim.timesteps, alphas_cumprod, eta=0.0)
+    diff = float((ours - x).abs().max())
+    print(f"DDIM, 5 steps, ours vs diffusers: max abs difference {diff:.2e}")
+    assert diff < 1e-4
+
+    name = "dpmpp_2m" if "dpmpp_2m" in SAMPLERS else "ddim"
+    x0 = sample(loaded.model, x_T, alphas_cumprod, sampler=name, steps=5)
+    assert x0.shape == x_T.shape and torch.isfinite(x0).all() and x0.abs().max() <= 1 + 1e-5
+
+
+def test_hub_style_flat_folder_with_old_attention_names(tmp_path):
+    """google/ddpm-* repositories: files side by side, pre-0.15 names query/key/value/proj_attn."""
+    unet, _ = _diffusers_folder(tmp_path / "hf", DDPM_RELEASE)
+    from safetensors.torch import load_file
+
+    flat = tmp_path / "flat"
+    flat.mkdir()
+    old = {"to_q": "query", "to_k": "key", "to_v": "value", "to_out.0": "proj_attn"}
+    state = {}
+    for key, value in load_file(tmp_path / "hf/unet/diffusion_pytorch_model.safetensors").items():
+        for new_name, old_name in old.items():
+            key = key.replace(f".{new_name}.", f".{old_name}.")
+        state[key] = value
+    assert any(".proj_attn." in k for k in state)
+    torch.save(state, flat / "diffusion_pytorch_model.bin")
+    (flat / "config.json").write_text((tmp_path / "hf/unet/config.json").read_text())
+    (flat / "scheduler_config.json").write_text(
+        (tmp_path / "hf/scheduler/scheduler_config.json").read_text())
+    ours = load_checkpoint(from_diffusers(flat, tmp_path / "m.safetensors")).model
+    x, t = _inputs()
+    with torch.no_grad():
+        assert float((unet(x, t).sample - ours(x, t)).abs().max()) < 1e-5
+
+
+def _edit_config(folder, section, **changes):
+    path = folder / section / ("config.json" if section == "unet" else "scheduler_config.json")
+    path.write_text(json.dumps({**json.loads(path.read_text()), **changes}))
+
+
+@pytest.mark.parametrize(("section", "changes", "message"), [
+    ("unet", {"down_block_types": ["DownBlock2D", "SkipDownBlock2D", "DownBlock2D"]},
+     "down block 1 is a SkipDownBlock2D"),
+    ("unet", {"up_block_types": ["UpBlock2D", "UpBlock2D", "AttnUpBlock2D"]},
+     "attention sits at different levels"),
+    ("unet", {"_class_name": "UNet2DConditionModel"}, "is a UNet2DConditionModel"),
+    ("unet", {"resnet_time_scale_shift": "scale_shift"}, "resnet_time_scale_shift"),
+    ("scheduler", {"beta_schedule": "scaled_linear"}, r"'scaled_linear'\) match none"),
+    ("scheduler", {"variance_type": "learned_range"}, "learned variance"),
+])
+def test_unsupported_layouts_are_named(tmp_path, capsys, section, changes, message):
+    _diffusers_folder(tmp_path / "hf", DDPM_RELEASE)
+    _edit_config(tmp_path / "hf", section, **changes)
+    with pytest.raises(CheckpointError, match=message):
+        from_diffusers(tmp_path / "hf", tmp_path / "m.safetensors")
+    assert main(["convert", "--from-diffusers", str(tmp_path / "hf"),
+                 str(tmp_path / "m.safetensors")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("pixeldiffusion: error:") and "Traceback" not in err
+    assert not (tmp_path / "m.safetensors").exists()
+
+
+def test_missing_files_and_conditional_export_have_clear_errors(tmp_path, tiny_args):
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(CheckpointError, match="has no config.json"):
+        from_diffusers(tmp_path / "empty", tmp_path / "m.safetensors")
+    cfg = load_config(None, tiny_args + ["--model.num_classes", "10"])
+    model = build_unet(cfg.model, in_channels=cfg.data.channels, image_size=cfg.data.image_size)
+    save_checkpoint(tmp_path / "run", 1, model, copy.deepcopy(model), {}, cfg)
+    with pytest.raises(CheckpointError, match="samples unconditionally"):
+        to_diffusers(tmp_path / "run", tmp_path / "out")
+
+
+def test_imported_model_samples_through_the_cli(tmp_path):
+    _diffusers_folder(tmp_path / "hf", DDPM_RELEASE)
+    assert main(["convert", "--from-diffusers", str(tmp_path / "hf"),
+                 str(tmp_path / "m.safetensors")]) == 0
+    grid = tmp_path / "grid.png"
+    assert main(["sample", "-cp", str(tmp_path / "m.safetensors"), "--sampler", "ddim",
+                 "--steps", "3", "-bs", "2", "-sp", str(grid), "--device", "cpu"]) == 0
+    assert grid.is_file()

@@ -1,0 +1,96 @@
+"""``pixeldiffusion sample`` with every sampler, spacing options, GIFs and impossible arguments.
+
+Runs ``cli.main`` in-process (the function the console script calls) to keep the suite fast; one
+tiny model is trained once for the module.
+"""
+
+import pytest
+import yaml
+from PIL import Image
+
+from pixeldiffusion.cli import main
+from pixeldiffusion.samplers import SAMPLERS
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory, tiny_args):
+    run_dir = tmp_path_factory.mktemp("sample_cli") / "run"
+    assert main(["train", "-e", str(run_dir), *tiny_args, "--no_progress"]) == 0
+    return run_dir
+
+
+def sample(trained, tmp_path, *extra, name="grid.png"):
+    return main(["sample", "-cp", str(trained), "-bs", "4", "--nrow", "2", "--device", "cpu",
+                 "-sp", str(tmp_path / name), *map(str, extra)])
+
+
+@pytest.mark.parametrize("sampler", sorted(SAMPLERS))
+def test_every_sampler_samples_a_tiny_model(trained, tmp_path, sampler, capsys):
+    assert sample(trained, tmp_path, "--sampler", sampler, "--steps", "3", "--seed", "2") == 0
+    assert Image.open(tmp_path / "grid.png").size == (2 * 34 + 2, 2 * 34 + 2)
+    assert str(tmp_path / "grid.png") in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("mode", ["denoise", "progressive"])
+def test_chain_modes_and_gif_work_for_a_multistep_sampler(trained, tmp_path, mode):
+    gif = tmp_path / "chain.gif"
+    assert sample(trained, tmp_path, "--sampler", "unipc", "--steps", "4", "--spacing", "karras",
+                  "--mode", mode, "--interval", "1", "--gif", gif) == 0
+    assert Image.open(tmp_path / "grid.png").size == (5 * 34 + 2, 4 * 34 + 2)  # 4 steps + x_0
+    animation = Image.open(gif)
+    assert animation.format == "GIF" and animation.size == (2 * 34 + 2, 2 * 34 + 2)
+    # 5 frames; Pillow merges a frame equal to the one before (progressive: the last predicted
+    # x0 is x_0) into it, adding up the durations
+    assert animation.n_frames == (5 if mode == "denoise" else 4)
+    durations = []
+    for k in range(animation.n_frames):
+        animation.seek(k)
+        durations.append(animation.info["duration"])
+    assert sum(durations) == 4 * 80 + 1500
+
+
+def test_gif_with_plain_sampling_keeps_the_plain_grid(trained, tmp_path):
+    gif = tmp_path / "chain.gif"
+    assert sample(trained, tmp_path, "--sampler", "heun", "--steps", "3", "--gif", gif) == 0
+    assert Image.open(tmp_path / "grid.png").size == (2 * 34 + 2, 2 * 34 + 2)
+    assert Image.open(gif).n_frames == 4
+
+
+def test_spacing_options_and_the_deprecated_skip_type(trained, tmp_path):
+    for extra in (["--spacing", "logsnr", "--order", "2", "--variant", "bh1"],
+                  ["--spacing", "40,20,5"], ["--skip_type", "quadratic"],
+                  ["--sampler", "ddim", "--dynamic_threshold", "0.995"]):
+        assert sample(trained, tmp_path, "--steps", "3", *extra) == 0, extra
+    a, b = (tmp_path / "a.png", tmp_path / "b.png")
+    sample(trained, tmp_path, "--sampler", "ddim", "--steps", "3", "--skip_type", "leading",
+           name=a.name)
+    sample(trained, tmp_path, "--sampler", "ddim", "--steps", "3", "--spacing", "leading",
+           name=b.name)
+    assert a.read_bytes() == b.read_bytes()
+
+
+def test_an_old_config_with_skip_type_still_loads(tmp_path):
+    from pixeldiffusion.config import load_config
+    path = tmp_path / "old.yaml"
+    path.write_text(yaml.safe_dump({"sample": {"skip_type": "quadratic"}}))
+    assert load_config(path).sample.spacing == "quadratic"
+
+
+def test_steps_zero_is_refused_by_the_parser(trained, tmp_path, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        sample(trained, tmp_path, "--steps", "0")
+    assert exit_info.value.code == 2
+    assert "expected a positive integer, got 0" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("extra, message", [
+    (["--sampler", "ddpm", "--steps", "51"], "is more than the model's 50 timesteps"),
+    (["--sampler", "unipcc"], "did you mean 'unipc'"),
+    (["--spacing", "karas"], "did you mean 'karras'"),
+    (["--spacing", "10,30"], "strictly decreasing"),
+])
+def test_impossible_arguments_give_one_clear_message(trained, tmp_path, capsys, extra, message):
+    assert sample(trained, tmp_path, *extra) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("pixeldiffusion: error: ") and message in err
+    assert len(err.strip().splitlines()) == 1

@@ -1,0 +1,385 @@
+"""The browser UI (``pixeldiffusion serve``): request validation, the one-at-a-time queue, the
+Server-Sent Events stream of live frames, and the real page in headless Chromium."""
+
+from __future__ import annotations
+
+import base64
+import contextlib
+import copy
+import io
+import json
+import math
+import shutil
+import socket
+import tempfile
+import threading
+import time
+from collections.abc import Iterator
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+import torch
+from PIL import Image
+
+pytest.importorskip("starlette", reason="the [ui] extra (starlette, uvicorn) is not installed")
+httpx = pytest.importorskip("httpx")
+uvicorn = pytest.importorskip("uvicorn")
+
+import pixeldiffusion.serve as serve_module  # noqa: E402
+from pixeldiffusion.checkpoint import load_checkpoint, save_checkpoint  # noqa: E402
+from pixeldiffusion.cli import main  # noqa: E402
+from pixeldiffusion.config import load_config  # noqa: E402
+from pixeldiffusion.generate import generate  # noqa: E402
+from pixeldiffusion.samplers import SAMPLERS  # noqa: E402
+from pixeldiffusion.serve import (  # noqa: E402
+    JobQueue,
+    Limits,
+    RequestError,
+    grid_png,
+    make_app,
+    make_entries,
+    parse_request,
+)
+from pixeldiffusion.unet import build_unet  # noqa: E402
+
+CHROMIUM = "/usr/bin/chromium"
+CLASS_NAMES = "zero,one,two"
+
+
+def _write_run(run_dir: Path, overrides: list[str]) -> Path:
+    """An untrained tiny UNet saved as a real checkpoint (step 1) in ``run_dir``."""
+    cfg = load_config(None, overrides)
+    torch.manual_seed(0)
+    model = build_unet(cfg.model, in_channels=cfg.data.channels, image_size=cfg.data.image_size)
+    save_checkpoint(run_dir, 1, model, copy.deepcopy(model), {}, cfg)
+    return run_dir
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory, tiny_args) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("runs")
+    return {"uncond": _write_run(root / "uncond", tiny_args),
+            "cond": _write_run(root / "cond", [*tiny_args, "--model.num_classes", "3",
+                                               "--model.class_names", CLASS_NAMES])}
+
+
+@contextlib.contextmanager
+def running_server(runs: dict[str, Path],
+                   limits: Limits | None = None) -> Iterator[tuple[str, JobQueue]]:
+    """The real app under uvicorn on a free 127.0.0.1 port, in a thread."""
+    limits = limits or Limits()
+    entries = make_entries([runs["uncond"], runs["cond"]])
+    queue = JobQueue(entries, torch.device("cpu"), limits)
+    server = uvicorn.Server(uvicorn.Config(make_app(queue, limits), log_level="warning"))
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    sock.bind(("127.0.0.1", 0))
+    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 20
+    while not server.started:
+        assert time.monotonic() < deadline and thread.is_alive(), "uvicorn did not start"
+        time.sleep(0.02)
+    try:
+        yield f"http://127.0.0.1:{sock.getsockname()[1]}", queue
+    finally:
+        server.should_exit = True
+        thread.join(timeout=20)
+        queue.close()
+        sock.close()
+
+
+def events_of(client: httpx.Client, url: str) -> list[tuple[str, dict]]:
+    """Read an SSE stream to its end: [(event, data)], keep-alive comments dropped."""
+    found, kind = [], None
+    with client.stream("GET", url, timeout=60) as response:
+        assert response.status_code == 200
+        assert response.headers["content-type"].startswith("text/event-stream")
+        for line in response.iter_lines():
+            if line.startswith("event: "):
+                kind = line[len("event: "):]
+            elif line.startswith("data: "):
+                found.append((kind, json.loads(line[len("data: "):])))
+    return found
+
+
+def png_of(data_url: str) -> Image.Image:
+    assert data_url.startswith("data:image/png;base64,")
+    return Image.open(io.BytesIO(base64.b64decode(data_url.split(",", 1)[1])))
+
+
+class Gate:
+    """Replaces serve.generate by the real one, paused after its first model call until
+    ``release``; records how many run at once and in which order they finish."""
+
+    def __init__(self, monkeypatch) -> None:
+        self.open, self.entered = threading.Event(), threading.Event()
+        self.active = self.most_active = 0
+        self.finished: list[int] = []
+        self.lock = threading.Lock()
+        monkeypatch.setattr(serve_module, "generate", self)
+
+    def __call__(self, model, cfg, device, *, callback, **kwargs):
+        with self.lock:
+            self.active += 1
+            self.most_active = max(self.most_active, self.active)
+
+        def paused(info):
+            callback(info)
+            self.entered.set()
+            self.open.wait(timeout=60)
+        try:
+            return generate(model, cfg, device, callback=paused, **kwargs)
+        finally:
+            with self.lock:
+                self.active -= 1
+                self.finished.append(cfg.sample.seed)
+
+    def release(self) -> None:
+        self.open.set()
+
+
+def wait_until(condition, timeout: float = 20.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, "timed out waiting"
+        time.sleep(0.02)
+
+
+# --- validation --------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("body, message", [
+    ({"steps": 0}, "'steps' must be in [1, 50] (the model's timesteps); got 0"),
+    ({"steps": 51}, "must be in [1, 50] (the model's timesteps)"),
+    ({"steps": 2.5}, "'steps' must be an integer"),
+    ({"steps": True}, "'steps' must be an integer"),
+    ({"batch": 65}, "'batch' must be in [1, 64] (the server's --max_batch); got 65"),
+    ({"batch": "many"}, "'batch' must be an integer"),
+    ({"seed": -1}, "'seed' must be in [0, "),
+    ({"sampler": "no_such_sampler"}, "unknown sampler \"no_such_sampler\"; use one of"),
+    ({"sampler": ["ddim"]}, "unknown sampler [\"ddim\"]; use one of"),
+    ({"stepz": 3}, "unknown parameter 'stepz'; did you mean 'steps'?"),
+    ({"checkpoint": "/etc/passwd"}, "unknown checkpoint \"/etc/passwd\""),
+    ({"view": "latent"}, "unknown view \"latent\""),
+    ({"class": "one"}, "is unconditional (model.num_classes 0); leave class and guidance empty"),
+    ({"guidance": 3}, "is unconditional"),
+    ([1, 2], "must be a JSON object"),
+])
+def test_bad_parameters_are_refused_with_one_sentence(runs, body, message):
+    entries = make_entries([runs["uncond"], runs["cond"]])
+    with pytest.raises(RequestError) as err:
+        parse_request(body, entries, Limits())
+    assert message in str(err.value)
+
+
+@pytest.mark.parametrize("body, message", [
+    ({"class": "7"}, "class 7 is out of range: this model has 3 classes"),
+    ({"class": "too"}, "unknown class 'too'; did you mean 'two'?"),
+    ({"class": "all", "batch": 2}, "set batch to 3 or more"),
+    ({"guidance": 101}, "'guidance' must be a number in [0, 100]"),
+    ({"guidance": float("nan")}, "'guidance' must be a number in [0, 100]"),
+    ({"guidance": "strong"}, "'guidance' must be a number in [0, 100]"),
+])
+def test_conditional_parameters_are_checked(runs, body, message):
+    entries = make_entries([runs["cond"]])
+    with pytest.raises(RequestError) as err:
+        parse_request(body, entries, Limits())
+    assert message in str(err.value)
+
+
+def test_server_limits_bound_steps_and_defaults_come_from_the_checkpoint(runs):
+    entries = make_entries([runs["uncond"], runs["cond"]])
+    with pytest.raises(RequestError, match=r"\[1, 20\] \(the server's --max_steps\)"):
+        parse_request({"steps": 21}, entries, Limits(max_steps=20))
+    request = parse_request({"checkpoint": str(runs["cond"]), "class": "two"}, entries, Limits())
+    cfg = load_checkpoint(runs["cond"]).config
+    assert (request.sampler, request.steps, request.seed) == \
+        (cfg.sample.sampler, cfg.sample.steps, cfg.sample.seed)
+    assert (request.class_label, request.guidance) == ("2", cfg.sample.guidance)
+
+
+# --- the API over HTTP -------------------------------------------------------------------------
+
+def test_options_offer_the_library_samplers_and_the_checkpoint_classes(runs):
+    with running_server(runs) as (url, _), httpx.Client(base_url=url) as client:
+        options = client.get("/api/options").json()
+        page = client.get("/")
+    assert options["samplers"] == list(SAMPLERS)
+    uncond, cond = options["checkpoints"]
+    assert uncond["name"] == str(runs["uncond"]) and uncond["num_classes"] == 0
+    assert cond["classes"] == CLASS_NAMES.split(",") and cond["max_steps"] == 50
+    assert options["limits"] == {"max_steps": 1000, "max_batch": 64, "max_queue": 8}
+    assert page.status_code == 200 and 'id="generate"' in page.text
+
+
+def test_bad_requests_get_400_with_the_message(runs):
+    with running_server(runs) as (url, queue), httpx.Client(base_url=url) as client:
+        too_many = client.post("/api/generate", json={"steps": 10**6})
+        not_json = client.post("/api/generate", content=b"steps=3",
+                               headers={"content-type": "application/json"})
+        missing = client.get("/api/jobs/nope/events")
+    assert too_many.status_code == 400
+    assert too_many.json()["error"] == "'steps' must be in [1, 50] (the model's timesteps); " \
+                                       "got 1000000"
+    assert not_json.status_code == 400 and "must be JSON" in not_json.json()["error"]
+    assert missing.status_code == 404
+    assert not queue.jobs  # nothing was queued
+
+
+def test_generate_streams_live_frames_then_the_grid_generate_would_draw(runs):
+    body = {"checkpoint": str(runs["uncond"]), "sampler": "ddim", "steps": 10, "seed": 7,
+            "batch": 5}
+    with running_server(runs, Limits(max_frames=4)) as (url, _), \
+            httpx.Client(base_url=url) as client:
+        accepted = client.post("/api/generate", json=body)
+        assert accepted.status_code == 202
+        events = events_of(client, accepted.json()["events"])
+        grid = client.get(events[-1][1]["grid"])
+        x_t_events = events_of(client, client.post(
+            "/api/generate", json={**body, "view": "x_t"}).json()["events"])
+
+    kinds = [kind for kind, _ in events]
+    assert kinds[:2] == ["queued", "start"] and kinds[-1] == "done"
+    frames = [data for kind, data in events if kind == "frame"]
+    # max_frames 4 over 10 steps: every 3rd step and the last one
+    assert [f["step"] for f in frames] == [3, 6, 9, 10] and frames[0]["steps"] == 10
+    assert all(png_of(f["image"]).size == (3 * 34 + 2, 2 * 34 + 2) for f in frames)  # 3 x 2 grid
+    # the final grid is exactly what the library draws with these settings
+    loaded = load_checkpoint(runs["uncond"])
+    cfg = replace(loaded.config, sample=replace(loaded.config.sample, sampler="ddim", steps=10,
+                                                seed=7, n_samples=5, nrow=3, batch_size=5))
+    expected = grid_png(generate(loaded.model, cfg, torch.device("cpu")).images, 3)
+    assert grid.status_code == 200 and grid.content == expected
+    assert base64.b64decode(events[-1][1]["image"].split(",", 1)[1]) == expected
+    # the x_t view shows the noisy chain, which differs from x0, but ends in the same grid
+    x_t_frames = [data for kind, data in x_t_events if kind == "frame"]
+    assert x_t_frames[0]["image"] != frames[0]["image"]
+    assert x_t_events[-1][1]["image"] == events[-1][1]["image"]
+
+
+def test_conditional_requests_draw_the_chosen_classes(runs):
+    with running_server(runs) as (url, _), httpx.Client(base_url=url) as client:
+        def labels(**body):
+            accepted = client.post("/api/generate", json={"checkpoint": str(runs["cond"]),
+                                                          "steps": 3, **body})
+            assert accepted.status_code == 202, accepted.text
+            kind, data = events_of(client, accepted.json()["events"])[-1]
+            assert kind == "done", data
+            return data["labels"]
+        assert labels(batch=4, **{"class": "one"}, guidance=3) == [1, 1, 1, 1]
+        assert labels(batch=7, **{"class": "all"}, guidance=0) == [0, 0, 1, 1, 2, 2]
+
+
+def test_requests_run_one_at_a_time_in_order_and_a_full_queue_says_busy(runs, monkeypatch):
+    gate = Gate(monkeypatch)
+    body = {"checkpoint": str(runs["uncond"]), "steps": 4, "batch": 2}
+    with running_server(runs, Limits(max_queue=2)) as (url, queue), \
+            httpx.Client(base_url=url) as client:
+        first = client.post("/api/generate", json={**body, "seed": 1}).json()
+        gate.entered.wait(timeout=20)
+        assert queue.status() == {"running": first["job"], "queued": 0}
+        second = client.post("/api/generate", json={**body, "seed": 2}).json()
+        third = client.post("/api/generate", json={**body, "seed": 3}).json()
+        busy = client.post("/api/generate", json={**body, "seed": 4})
+        assert (first["position"], second["position"], third["position"]) == (0, 1, 2)
+        assert queue.status() == {"running": first["job"], "queued": 2}
+        assert busy.status_code == 503
+        assert "the server is busy: 2 requests are waiting" in busy.json()["error"]
+        gate.release()
+        streams = [events_of(client, job["events"]) for job in (first, second, third)]
+    assert gate.most_active == 1 and gate.finished == [1, 2, 3]
+    assert all(events[-1][0] == "done" for events in streams)
+    # the third learned its place in the line as the ones ahead of it started
+    assert [d["position"] for k, d in streams[2] if k == "queued"] == [2, 1]
+
+
+def test_closing_the_page_cancels_its_request_and_frees_the_queue(runs, monkeypatch):
+    gate = Gate(monkeypatch)
+    body = {"checkpoint": str(runs["uncond"]), "steps": 20, "batch": 2}
+    with running_server(runs) as (url, queue), httpx.Client(base_url=url) as client:
+        job = client.post("/api/generate", json=body).json()
+        with client.stream("GET", job["events"], timeout=30) as response:
+            for line in response.iter_lines():
+                if line == "event: frame":
+                    break                                  # the page goes away mid-denoising
+        wait_until(lambda: queue.jobs[job["job"]].cancelled.is_set())
+        gate.release()
+        wait_until(lambda: queue.jobs[job["job"]].finished)
+        kind, data = queue.jobs[job["job"]].events[-1]
+        assert (kind, data["message"]) == ("error", "cancelled: the page was closed")
+        after = client.post("/api/generate", json={**body, "steps": 2}).json()
+        assert events_of(client, after["events"])[-1][0] == "done"
+
+
+# --- the command line --------------------------------------------------------------------------
+
+def test_serve_binds_localhost_by_default(runs, monkeypatch):
+    called = {}
+    monkeypatch.setattr(uvicorn, "run", lambda app, **kwargs: called.update(kwargs))
+    assert main(["serve", "-cp", str(runs["uncond"]), "--device", "cpu"]) == 0
+    assert (called["host"], called["port"]) == ("127.0.0.1", 7860)
+
+
+def test_serve_without_checkpoints_names_the_fix(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    assert main(["serve"]) == 2
+    assert "no checkpoints found under runs/; train one first" in capsys.readouterr().err
+
+
+# --- the real page in headless Chromium --------------------------------------------------------
+
+@pytest.mark.skipif(not Path(CHROMIUM).exists(),
+                    reason=f"no Chromium at {CHROMIUM} (Debian: apt-get install chromium; "
+                           f".ci/run installs it)")
+def test_the_page_in_chromium_generates_and_shows_live_frames(runs):
+    sync_api = pytest.importorskip("playwright.sync_api")
+    profile = tempfile.mkdtemp(prefix="pixeldiffusion-chromium-")
+    try:
+        with running_server(runs) as (url, _), sync_api.sync_playwright() as playwright:
+            browser = playwright.chromium.launch_persistent_context(
+                profile, executable_path=CHROMIUM, headless=True,
+                args=["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic",
+                      "--no-first-run", "--disable-background-networking",
+                      "--disable-component-update", "--disable-sync"])
+            try:
+                page = browser.new_page()
+                page.goto(url)
+                page.wait_for_selector("#generate:not([disabled])", timeout=30_000)
+                # class and guidance controls appear only for the conditional checkpoint
+                assert page.is_hidden("#conditional")
+                page.select_option("#checkpoint", str(runs["cond"]))
+                assert page.is_visible("#conditional")
+                assert page.eval_on_selector_all("#class option", "o => o.map(x => x.value)") \
+                    == ["random", "all", "0", "1", "2"]
+                assert page.eval_on_selector_all("#sampler option", "o => o.map(x => x.value)") \
+                    == list(SAMPLERS)
+                # the page bounds steps by the model's timesteps; the server checks the rest
+                assert page.get_attribute("#steps", "max") == "50"
+                page.select_option("#class", "all")
+                page.fill("#batch", "2")
+                page.click("#generate")
+                page.wait_for_selector("#status.error", timeout=30_000)
+                assert "set batch to 3 or more" in page.text_content("#status")
+                # a real run: frames arrive, then the grid and its download link
+                page.fill("#steps", "12")
+                page.fill("#batch", "4")
+                page.select_option("#class", "2")
+                page.click("#generate")
+                page.wait_for_selector("#download:not([hidden])", timeout=60_000)
+                assert page.text_content("#status").startswith("done in")
+                assert int(page.get_attribute("#grid", "data-frames")) >= 1
+                assert page.eval_on_selector("#grid", "img => img.complete && "
+                                                      "img.naturalWidth") == 2 * 34 + 2
+                href = page.get_attribute("#download", "href")
+                assert httpx.get(url + href).headers["content-type"] == "image/png"
+            finally:
+                browser.close()
+    finally:
+        shutil.rmtree(profile, ignore_errors=True)
+
+
+def test_grid_png_is_row_major_with_ceil_sqrt_columns():
+    images = torch.linspace(-1, 1, 5).view(5, 1, 1, 1).expand(5, 1, 4, 4)
+    picture = Image.open(io.BytesIO(grid_png(images, math.ceil(math.sqrt(5)))))
+    assert picture.size == (3 * 6 + 2, 2 * 6 + 2)
+    assert picture.getpixel((2, 8)) == round((images[3, 0, 0, 0].item() + 1) * 127.5)
