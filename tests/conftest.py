@@ -1,6 +1,10 @@
 """Shared fixtures: a tiny config that trains in about a second on 2 CPU cores."""
 
+import os
+import socket
+
 import pytest
+import torch
 
 from pixeldiffusion.config import Config, load_config
 
@@ -11,6 +15,20 @@ TINY = ["--model.channels", "8", "--model.channel_mult", "1,2", "--model.num_res
         "--train.warmup_steps", "2", "--train.tensorboard", "false", "--sample.steps", "3",
         "--sample.n_samples", "4", "--sample.nrow", "2", "--sample.batch_size", "4",
         "--train.eval_samples", "0"]
+
+
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    # pytest -n 2 (the default, pyproject addopts): one thread per worker and per subprocess a
+    # test starts; on 2 cores two 1-thread processes get more done than one 2-thread process.
+    os.environ["OMP_NUM_THREADS"] = "1"
+    torch.set_num_threads(1)
+
+
+def free_port() -> int:
+    """A TCP port nobody listens on now (for launchers run by tests on parallel workers)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="session")

@@ -14,6 +14,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from conftest import free_port
 from pixeldiffusion.config import all_keys, load_config
 from pixeldiffusion.data import EpochBatchSampler, load_dataset
 
@@ -79,12 +80,14 @@ def _check(out, ranks, tiny_args):
 
 def test_torchrun_two_processes_identical_weights_exact_resume_rank_zero_writes(
         tmp_path, tiny_args):
-    ranks = _launch([str(BIN / "torchrun"), "--nproc_per_node", "2"], tmp_path, tiny_args)
+    ranks = _launch([str(BIN / "torchrun"), "--nproc_per_node", "2",
+                     "--master_port", str(free_port())], tmp_path, tiny_args)
     _check(tmp_path, ranks, tiny_args)
 
 
 def test_accelerate_launch_two_processes(tmp_path, tiny_args):
     launcher = [str(BIN / "accelerate"), "launch", "--multi_gpu", "--num_processes", "2",
-                "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no"]
+                "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+                "--main_process_port", str(free_port())]
     ranks = _launch(launcher, tmp_path, tiny_args)
     _check(tmp_path, ranks, tiny_args)

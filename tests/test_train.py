@@ -9,6 +9,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from conftest import free_port
 from pixeldiffusion.checkpoint import list_checkpoints
 from pixeldiffusion.config import load_config
 from pixeldiffusion.errors import PixelDiffusionError
@@ -34,10 +35,13 @@ def test_tiny_run_writes_checkpoint_grid_config_and_tensorboard(tmp_path, tiny_a
     assert any(k.startswith("model.") for k in weights)
 
 
-def test_resume_continues_exactly(tmp_path, tiny_args):
+@pytest.mark.parametrize("eval_samples", ["0", "8"])
+def test_resume_continues_exactly(tmp_path, tiny_args, eval_samples):
     """N + M steps in one go == N steps, stop, resume, M steps (dropout and flips on, so the
-    RNG states, data position, optimizer, LR schedule and EMA must all be restored)."""
-    args = tiny_args + ["--data.random_flip", "true", "--train.warmup_steps", "5"]
+    RNG states, data position, optimizer, LR schedule and EMA must all be restored; with the
+    in-training evaluation on, which must not disturb the training RNG)."""
+    args = tiny_args + ["--data.random_flip", "true", "--train.warmup_steps", "5",
+                        "--train.eval_samples", eval_samples, "--train.eval_steps", "2"]
     straight = train(load_config(None, args + ["--train.steps", "6"]), tmp_path / "a",
                      progress=False, log=lambda *_: None)
     train(load_config(None, args + ["--train.steps", "3"]), tmp_path / "b", progress=False,
@@ -118,7 +122,8 @@ def test_two_processes_with_torchrun_train_and_only_rank_zero_writes(tmp_path, t
     torchrun = Path(sys.executable).parent / "torchrun"
     run = tmp_path / "run"
     done = subprocess.run(
-        [str(torchrun), "--nproc_per_node", "2", "-m", "pixeldiffusion", "train", "-e", str(run),
+        [str(torchrun), "--nproc_per_node", "2", "--master_port", str(free_port()),
+         "-m", "pixeldiffusion", "train", "-e", str(run),
          *tiny_args, "--train.save_every", "2", "--device", "cpu", "--no_progress"],
         capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-2000:]

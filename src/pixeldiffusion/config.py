@@ -134,11 +134,6 @@ class SampleConfig:
     variant: str = _opt("bh2", choices=("bh1", "bh2"), doc="unipc: B(h) = h or e^h - 1")
     dynamic_threshold: float = _opt(0.0, low=0.0, high=0.9999, doc="Imagen dynamic thresholding "
                                     "quantile, e.g. 0.995 (replaces clip_x0); 0 = off")
-
-    @property
-    def skip_type(self) -> str:
-        """Deprecated name of ``spacing`` (read-only), for code written before the rename."""
-        return self.spacing
     n_samples: int = _opt(64, low=1, high=1_000_000)
     batch_size: int = _opt(64, low=1, high=65536)
     nrow: int = _opt(8, low=1, high=1024)

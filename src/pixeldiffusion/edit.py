@@ -166,7 +166,7 @@ def inpaint(loaded: LoadedCheckpoint, image: str | Path, mask: str | Path, *, n_
     clip = cfg.sample.clip_x0 if clip_x0 is None else clip_x0
     denoise = make_denoiser(loaded.model, alphas_cumprod, prediction=cfg.diffusion.prediction,
                             clip_x0=clip)
-    timesteps = sampling_timesteps(T, steps, cfg.sample.skip_type)
+    timesteps = sampling_timesteps(T, steps, cfg.sample.spacing, alphas_cumprod)
     images = repaint(denoise, x_T, timesteps, alphas_cumprod, x0_known=x0_known, known=known,
                      jump_length=jump_length, jump_n_sample=jump_n_sample,
                      var_type=var_type or cfg.sample.var_type, generator=generator)
@@ -198,7 +198,7 @@ def interpolate(loaded: LoadedCheckpoint, *, n_frames: int, seeds: tuple[int, in
     x_T = slerp(ends[0], ends[1], torch.linspace(0, 1, n_frames)).to(device)
     generator = make_generator(device, seeds[0])
     x0 = sample(loaded.model, x_T, alphas_cumprod_of(cfg), sampler=sampler, steps=steps,
-                skip_type=cfg.sample.skip_type, prediction=cfg.diffusion.prediction,
+                spacing=cfg.sample.spacing, prediction=cfg.diffusion.prediction,
                 clip_x0=cfg.sample.clip_x0, generator=generator, **(options or {}))
     return x0.float().cpu()
 

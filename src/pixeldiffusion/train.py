@@ -299,10 +299,6 @@ def _train_locked(cfg: Config, run_dir: Path, point: ResumePoint | None, acceler
                          num_workers=cfg.data.num_workers, rank=accelerator.process_index,
                          world_size=accelerator.num_processes, pin_memory=device.type == "cuda")
     batches = iter(loader)
-    if resume_from is not None:  # after iter(): creating the iterator may draw from the global RNG
-        rng = _rng_of_rank(state, accelerator)
-        if rng is not None:
-            _set_rng_states(rng, generator)
 
     # channels-last runs the convolutions ~15% faster on CPU (oneDNN) and on tensor cores
     model.to(memory_format=torch.channels_last)
@@ -378,6 +374,12 @@ def _train_locked(cfg: Config, run_dir: Path, point: ResumePoint | None, acceler
             if tag in ("eval/digit_fid", "eval/fid"):
                 eval_postfix[tag.split("/")[1].replace("_", "")] = f"{value:.1f}"
 
+    # Restore the RNGs last: creating the loader iterator, the evaluator or the writer may draw
+    # from the global RNG, and a resumed run must continue exactly where it stopped.
+    if resume_from is not None:
+        rng = _rng_of_rank(state, accelerator)
+        if rng is not None:
+            _set_rng_states(rng, generator)
     model_kwargs = {}
     loss_sum, loss_count, checkpoint = torch.zeros((), device=device), 0.0, resume_from
     bar = tqdm(total=tc.steps, initial=step, disable=not (progress and main), desc="train",
