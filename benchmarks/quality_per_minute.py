@@ -1,20 +1,31 @@
-"""Quality per CPU minute: our default digits run against a diffusers recipe, same wall clock.
+"""Quality per CPU minute: our digits recipes against a diffusers recipe, same CPU time.
 
     pip install -e ".[bench]"                                  # diffusers, for this script only
     python benchmarks/quality_per_minute.py                     # ours 20 min, diffusers 20 + 60
     python benchmarks/quality_per_minute.py --minutes 1 --samples 100    # a smoke test
+    python benchmarks/quality_per_minute.py --ours default= \
+        --ours "wide=--model.channels 32 --train.lr_schedule cosine --train.steps 2400"
 
-* ours: ``pixeldiffusion train`` with the default config (configs/mnist.yaml) and
-  ``--train.steps`` raised so that the clock, not the step count, ends it: after the given
-  minutes the script sends SIGINT, and the run saves its current step (the documented Ctrl-C
-  behaviour). Samples: the config's own sampler (DDPM ancestral, 100 steps), EMA weights.
+Each recipe gets one CPU core and one thread (``--cores 2``, the default on a machine with two
+or more): the diffusers run on core 1 for the longest of ``--diffusers_minutes``, keeping its EMA
+weights at each shorter mark, while our recipes train one after another on core 0. So a
+"minute" here is one core-minute, the same for both, and the whole benchmark takes about the
+longest diffusers budget plus sampling. ``--cores 1`` runs everything one after another on all
+cores instead.
+
+* ours: ``pixeldiffusion train`` with the default config plus each ``--ours NAME=OVERRIDES``
+  (``--section.key value`` pairs), ``--train.steps`` raised unless the overrides set it, and no
+  grids, checkpoints or evaluation during the run (the diffusers loop does none either). After
+  the given minutes the script sends SIGINT and the run saves its current step (the documented
+  Ctrl-C behaviour). Samples: the checkpoint's own ``sample`` config, EMA weights.
 * diffusers: what a user writes from diffusers' ``examples/unconditional_image_generation/
   train_unconditional.py``: ``UNet2DModel`` of the same widths (benchmarks/throughput.py's
   ``diffusers_unet``, same parameter count), ``DDPMScheduler`` (1000 steps, linear betas),
   AdamW (lr 1e-4, weight decay 1e-6, the example's defaults) with 500 warm-up steps, batch 16,
   ``EMAModel`` (max decay 0.9999, power 3/4), the plain MSE loss; sampled with ``DDIMScheduler``
   at 50 steps (eta 0) from the EMA weights.
-* floor: the 1,000 held-out real digits (never seen by the digit classifier) scored the same way.
+* floor: held-out real digits (never seen by the digit classifier), as many as the samples,
+  scored the same way.
 
 Each model draws ``--samples`` images (seed 0), scored by ``evaluate.score`` with the offline
 digit extractor against the 4,000 held-in built-in digits. Prints one table (digit-FID, the
@@ -48,10 +59,22 @@ from pixeldiffusion.images import save_grid
 REPO = Path(__file__).resolve().parents[1]
 
 
-def train_ours(minutes: float, run_dir: Path) -> tuple[Path, int]:
-    """Train the default config for ``minutes`` of wall clock; returns (checkpoint, steps)."""
-    command = [sys.executable, "-m", "pixeldiffusion", "train", "-e", str(run_dir),
-               "--train.steps", "10000000", "--train.eval_samples", "0", "--no_progress"]
+def pin(core: int | None) -> None:
+    """Run this process (and its children) on one core with one thread; None = leave as is."""
+    if core is not None:
+        os.sched_setaffinity(0, {core})
+        os.environ["OMP_NUM_THREADS"] = "1"
+        torch.set_num_threads(1)
+
+
+def train_ours(minutes: float, run_dir: Path, overrides: list[str]) -> tuple[Path, int]:
+    """Train the default config + ``overrides`` for ``minutes`` of wall clock; returns
+    (checkpoint, optimizer steps)."""
+    command = [sys.executable, "-m", "pixeldiffusion", "train", "-e", str(run_dir), "--no_progress",
+               "--train.eval_samples", "0", "--train.sample_every", "0", "--train.save_every", "0",
+               *overrides]
+    if "--train.steps" not in overrides:
+        command += ["--train.steps", "10000000"]
     process = subprocess.Popen(command, cwd=REPO)
     try:
         process.wait(timeout=minutes * 60)
@@ -62,18 +85,15 @@ def train_ours(minutes: float, run_dir: Path) -> tuple[Path, int]:
     return loaded.path, loaded.step
 
 
-def train_diffusers(minutes: float, seed: int = 0):
-    """The diffusers recipe for ``minutes`` of wall clock; returns (EMA UNet, steps)."""
+def train_diffusers(marks: list[float], seed: int = 0) -> list[tuple[dict, int]]:
+    """The diffusers recipe for ``max(marks)`` minutes of wall clock; returns its EMA weights
+    and optimizer steps at each mark."""
     from diffusers import DDPMScheduler
     from diffusers.optimization import get_cosine_schedule_with_warmup
     from diffusers.training_utils import EMAModel
 
-    sys.path.insert(0, str(Path(__file__).parent))
-    from throughput import diffusers_unet
-
     torch.manual_seed(seed)
-    cfg = load_config(None)
-    model = diffusers_unet(cfg)
+    model = _diffusers_unet()
     x_all, _ = builtin_digits("all")
     scheduler = DDPMScheduler(num_train_timesteps=1000, beta_schedule="linear")
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, betas=(0.95, 0.999),
@@ -82,30 +102,42 @@ def train_diffusers(minutes: float, seed: int = 0):
     lr_schedule = get_cosine_schedule_with_warmup(optimizer, 500, 100_000)
     ema = EMAModel(model.parameters(), decay=0.9999, use_ema_warmup=True, inv_gamma=1.0,
                    power=3 / 4, model_cls=type(model), model_config=model.config)
-    deadline, steps = time.monotonic() + minutes * 60, 0
+    start, steps, kept = time.monotonic(), 0, []
     model.train()
-    while time.monotonic() < deadline:
-        x0 = x_all[torch.randint(len(x_all), (16,))]
-        noise = torch.randn_like(x0)
-        t = torch.randint(0, 1000, (16,))
-        loss = F.mse_loss(model(scheduler.add_noise(x0, noise, t), t).sample, noise)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        optimizer.step()
-        lr_schedule.step()
-        optimizer.zero_grad()
-        ema.step(model.parameters())
-        steps += 1
-    ema_model = copy.deepcopy(model)
-    ema.copy_to(ema_model.parameters())
-    return ema_model.eval(), steps
+    for mark in sorted(marks):
+        while time.monotonic() < start + mark * 60:
+            x0 = x_all[torch.randint(len(x_all), (16,))]
+            noise = torch.randn_like(x0)
+            t = torch.randint(0, 1000, (16,))
+            loss = F.mse_loss(model(scheduler.add_noise(x0, noise, t), t).sample, noise)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+            optimizer.step()
+            lr_schedule.step()
+            optimizer.zero_grad()
+            ema.step(model.parameters())
+            steps += 1
+        ema_model = copy.deepcopy(model)
+        ema.copy_to(ema_model.parameters())
+        kept.append((ema_model.state_dict(), steps))
+    return kept
+
+
+def _diffusers_unet():
+    sys.path.insert(0, str(Path(__file__).parent))
+    from throughput import diffusers_unet
+
+    return diffusers_unet(load_config(None))
 
 
 @torch.no_grad()
-def sample_diffusers(model, n: int, batch: int = 250, seed: int = 0) -> torch.Tensor:
-    """DDIM-50 (eta 0) samples of a diffusers UNet: [n, 1, 32, 32] in [-1, 1]."""
+def sample_diffusers(weights: dict, n: int, batch: int = 250, seed: int = 0) -> torch.Tensor:
+    """DDIM-50 (eta 0) samples of the diffusers UNet with ``weights``: [n, 1, 32, 32] in [-1, 1]."""
     from diffusers import DDIMScheduler
 
+    model = _diffusers_unet()
+    model.load_state_dict(weights)
+    model.eval()
     scheduler = DDIMScheduler(num_train_timesteps=1000, beta_schedule="linear")
     scheduler.set_timesteps(50)
     generator = torch.Generator().manual_seed(seed)
@@ -119,12 +151,22 @@ def sample_diffusers(model, n: int, batch: int = 250, seed: int = 0) -> torch.Te
 
 
 def sample_ours(checkpoint: Path, n: int, seed: int = 0) -> torch.Tensor:
-    """The config's own sampler (DDPM, 100 steps) from the EMA weights: [n, 1, 32, 32]."""
+    """The checkpoint's own sampler config from the EMA weights: [n, 1, 32, 32] in [-1, 1]."""
     from dataclasses import replace
 
     loaded = load_checkpoint(checkpoint, device="cpu")
     cfg = replace(loaded.config, sample=replace(loaded.config.sample, n_samples=n, seed=seed))
     return generate(loaded.model, cfg, torch.device("cpu"), micro_batch=250).images
+
+
+def diffusers_worker(args: argparse.Namespace) -> None:
+    """Train the diffusers recipe, sample at every mark; writes diffusers-<m>min.npz files."""
+    pin(args.core)
+    for minutes, (weights, steps) in zip(sorted(args.diffusers_minutes),
+                                         train_diffusers(args.diffusers_minutes), strict=True):
+        images = sample_diffusers(weights, args.samples)
+        np.savez(Path(args.out) / f"diffusers-{minutes:g}min.npz",
+                 images=images.numpy().astype(np.float32), steps=steps)
 
 
 def side_by_side(grids: list[Path], path: Path) -> Path:
@@ -139,18 +181,48 @@ def side_by_side(grids: list[Path], path: Path) -> Path:
     return path
 
 
+def parse_recipe(text: str) -> tuple[str, list[str]]:
+    """``NAME=--section.key value ...`` -> (NAME, override tokens)."""
+    name, _, overrides = text.partition("=")
+    if not name:
+        raise SystemExit(f"--ours {text!r}: expected NAME=OVERRIDES, e.g. 'wide=--model.channels 32'")
+    return name, overrides.split()
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--minutes", type=float, help="one budget for every run (smoke tests)")
-    parser.add_argument("--ours_minutes", type=float, nargs="+", default=[20.0])
+    parser.add_argument("--ours", action="append", type=parse_recipe,
+                        help="NAME=OVERRIDES, repeatable (default: 'default=', the defaults)")
+    parser.add_argument("--ours_minutes", type=float, default=20.0)
     parser.add_argument("--diffusers_minutes", type=float, nargs="+", default=[20.0, 60.0])
     parser.add_argument("--samples", type=int, default=1000, help="images per model")
+    parser.add_argument("--cores", type=int, choices=(1, 2),
+                        default=2 if len(os.sched_getaffinity(0)) >= 2 else 1,
+                        help="2: diffusers on core 1 while ours run on core 0, one thread each")
     parser.add_argument("--out", default=str(REPO / "benchmarks" / "out" / "quality_per_minute"))
+    parser.add_argument("--worker", choices=("diffusers",), help=argparse.SUPPRESS)
+    parser.add_argument("--core", type=int, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.minutes is not None:
-        args.ours_minutes = args.diffusers_minutes = [args.minutes]
+        args.ours_minutes, args.diffusers_minutes = args.minutes, [args.minutes]
+    if args.worker == "diffusers":
+        return diffusers_worker(args)
+    recipes = args.ours or [("default", [])]
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
+    for name, _ in recipes:
+        if (out / f"ours-{name}").exists():
+            raise SystemExit(f"{out / f'ours-{name}'} exists; remove it or pass another --out")
+
+    worker = [sys.executable, __file__, "--worker", "diffusers", "--out", str(out),
+              "--samples", str(args.samples), "--diffusers_minutes",
+              *map(str, args.diffusers_minutes)]
+    background = None
+    if args.cores == 2:
+        background = subprocess.Popen([*worker, "--core", "1"])
+        pin(0)
+
     extractor = evaluate.digit_extractor()
     reference = evaluate.reference_features("digits", extractor, resolution=32, channels=1)
 
@@ -163,22 +235,31 @@ def main() -> None:
     floor = digit_fid(held_out[:args.samples])
     rows = [("held-out real digits (floor)", "", "", floor)]
     grids = [save_grid(held_out[:64], out / "real.png")]
-    for minutes in args.ours_minutes:
-        run_dir = out / f"ours-{minutes:g}min"
-        if run_dir.exists():
-            raise SystemExit(f"{run_dir} exists; remove it or pass another --out")
-        checkpoint, steps = train_ours(minutes, run_dir)
+    for name, overrides in recipes:
+        began = time.monotonic()
+        checkpoint, steps = train_ours(args.ours_minutes, out / f"ours-{name}", overrides)
+        trained = time.monotonic() - began
         images = sample_ours(checkpoint, args.samples)
-        grids.append(save_grid(images[:64], out / f"ours-{minutes:g}min.png"))
-        rows.append(("pixeldiffusion default, DDPM-100", minutes, steps, digit_fid(images)))
-    for minutes in args.diffusers_minutes:
-        model, steps = train_diffusers(minutes)
-        images = sample_diffusers(model, args.samples)
+        sample_cfg = load_checkpoint(checkpoint, device="cpu").config.sample
+        grids.append(save_grid(images[:64], out / f"ours-{name}.png"))
+        rows.append((f"pixeldiffusion {name} ({' '.join(overrides) or 'the defaults'}), "
+                     f"{sample_cfg.sampler}-{sample_cfg.steps}",
+                     f"{trained / 60:.1f}", steps, digit_fid(images)))
+    if background is None:
+        subprocess.run(worker, check=True)
+    elif background.wait() != 0:
+        raise SystemExit("the diffusers run failed (its error is above)")
+    for minutes in sorted(args.diffusers_minutes):
+        saved = np.load(out / f"diffusers-{minutes:g}min.npz")
+        images = torch.from_numpy(saved["images"])
         grids.append(save_grid(images[:64], out / f"diffusers-{minutes:g}min.png"))
-        rows.append(("diffusers UNet2DModel recipe, DDIM-50", minutes, steps, digit_fid(images)))
+        rows.append(("diffusers UNet2DModel recipe, DDIM-50", f"{minutes:g}", int(saved["steps"]),
+                     digit_fid(images)))
     side_by_side(grids, out / "side_by_side.png")
-    print(f"\n{os.cpu_count()} CPU(s), torch {torch.__version__}; {args.samples} samples per "
-          f"row, digit-FID vs the 4,000 held-in built-in digits ({extractor.description})")
+    cores = "one core and one thread per recipe" if args.cores == 2 else "all cores, in turn"
+    print(f"\n{os.cpu_count()} CPU(s) ({cores}), torch {torch.__version__}; {args.samples} "
+          f"samples per row, digit-FID vs the 4,000 held-in built-in digits "
+          f"({extractor.description})")
     print("| recipe | minutes | optimizer steps | digit-FID | x floor |\n|---|---:|---:|---:|---:|")
     for name, minutes, steps, value in rows:
         print(f"| {name} | {minutes} | {steps} | {value:.2f} | {value / floor:.1f} |")

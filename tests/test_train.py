@@ -87,6 +87,13 @@ def test_ema_warmup_lr_warmup_and_ema_update(tiny_config):
     assert ema_decay_at(tiny_config, 0) == pytest.approx(0.1)
     assert ema_decay_at(tiny_config, 10**6) == tiny_config.train.ema_decay
     assert lr_factor(0, 4) == 0.25 and lr_factor(3, 4) == 1.0 and lr_factor(0, 0) == 1.0
+    assert lr_factor(10**6, 4) == 1.0  # constant after warm-up
+    # cosine: 1 right after warm-up, 1/2 half-way through the rest, 0 at train.steps and after
+    assert lr_factor(4, 4, "cosine", 104) == 1.0
+    assert lr_factor(54, 4, "cosine", 104) == pytest.approx(0.5)
+    assert lr_factor(104, 4, "cosine", 104) == pytest.approx(0.0, abs=1e-12)
+    assert lr_factor(500, 4, "cosine", 104) == pytest.approx(0.0, abs=1e-12)
+    assert lr_factor(1, 4, "cosine", 104) == 0.5  # warm-up is the same for both
     a, b = torch.nn.Linear(2, 2), torch.nn.Linear(2, 2)
     expected = [0.9 * pa + 0.1 * pb for pa, pb in zip(a.parameters(), b.parameters(), strict=True)]
     ema_update(a, b, 0.9)

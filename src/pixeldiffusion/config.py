@@ -88,6 +88,8 @@ class TrainConfig:
     lr: float = _opt(1e-3, low=1e-9, high=1.0)
     weight_decay: float = _opt(0.0, low=0.0, high=10.0)
     warmup_steps: int = _opt(100, low=0, high=100_000_000)
+    lr_schedule: str = _opt("constant", choices=("constant", "cosine"),
+                            doc="after warm-up: constant (DDPM) or cosine to 0 at train.steps")
     grad_clip: float = _opt(1.0, low=0.0, high=1e6, doc="max gradient norm; 0 = off")
     ema_decay: float = _opt(0.995, low=0.0, high=1.0, doc="EMA decay, reached after warm-up")
     ema_warmup: bool = _opt(True, doc="EMA decay min(ema_decay, (1+n)/(10+n)) early on")

@@ -8,6 +8,7 @@ sharding is done by ``EpochBatchSampler`` itself so that the step number is the 
 from __future__ import annotations
 
 import copy
+import math
 import signal
 import sys
 import time
@@ -144,9 +145,17 @@ class NonFiniteSteps:
             self.reported = total
 
 
-def lr_factor(step: int, warmup_steps: int) -> float:
-    """Linear warm-up to the base LR over ``warmup_steps``, then constant (DDPM, App. B)."""
-    return min(1.0, (step + 1) / warmup_steps) if warmup_steps > 0 else 1.0
+def lr_factor(step: int, warmup_steps: int, schedule: str = "constant",
+              total_steps: int = 0) -> float:
+    """The LR multiplier at optimizer step ``step`` (0-based): linear warm-up to 1 over
+    ``warmup_steps``, then constant (DDPM, App. B) or, for ``"cosine"``, half a cosine from 1
+    to 0 at ``total_steps`` (SGDR, Loshchilov & Hutter 2017, eq. 5 without restarts)."""
+    if step < warmup_steps:
+        return (step + 1) / warmup_steps
+    if schedule == "constant" or total_steps <= warmup_steps:
+        return 1.0
+    progress = min(1.0, (step - warmup_steps) / (total_steps - warmup_steps))
+    return 0.5 * (1.0 + math.cos(math.pi * progress))
 
 
 @contextmanager
@@ -280,7 +289,7 @@ def _train_locked(cfg: Config, run_dir: Path, point: ResumePoint | None, acceler
     optimizer = torch.optim.AdamW(model.parameters(), lr=tc.lr, weight_decay=tc.weight_decay,
                                   fused=device.type in FUSED_ADAMW)
     scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda s: lr_factor(s, tc.warmup_steps))
+        optimizer, lambda s: lr_factor(s, tc.warmup_steps, tc.lr_schedule, tc.steps))
     generator = make_generator(device, tc.seed + accelerator.process_index)
 
     step = 0
