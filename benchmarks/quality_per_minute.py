@@ -185,7 +185,8 @@ def parse_recipe(text: str) -> tuple[str, list[str]]:
     """``NAME=--section.key value ...`` -> (NAME, override tokens)."""
     name, _, overrides = text.partition("=")
     if not name:
-        raise SystemExit(f"--ours {text!r}: expected NAME=OVERRIDES, e.g. 'wide=--model.channels 32'")
+        raise SystemExit(f"--ours {text!r}: expected NAME=OVERRIDES, "
+                         f"e.g. 'wide=--model.channels 32'")
     return name, overrides.split()
 
 

@@ -4,6 +4,7 @@ Runs ``cli.main`` in-process (the function the console script calls) to keep the
 tiny model is trained once for the module.
 """
 
+import numpy as np
 import pytest
 import yaml
 from PIL import Image
@@ -94,3 +95,18 @@ def test_impossible_arguments_give_one_clear_message(trained, tmp_path, capsys, 
     err = capsys.readouterr().err
     assert err.startswith("pixeldiffusion: error: ") and message in err
     assert len(err.strip().splitlines()) == 1
+
+
+def test_optimal_spacing_is_fitted_printed_and_reusable(trained, tmp_path, capsys):
+    common = ["sample", "-cp", str(trained), "-bs", "4", "--device", "cpu", "--sampler", "unipc",
+              "--order", "2", "--seed", "3"]
+    capsys.readouterr()
+    assert main([*common, "--steps", "4", "--spacing", "optimal", "--save_dir",
+                 str(tmp_path / "a"), "-sp", str(tmp_path / "a.png")]) == 0
+    printed = capsys.readouterr().err
+    listed = printed.split("--spacing ")[1].split()[0]
+    assert printed.startswith("optimal timesteps") and len(listed.split(",")) == 4
+    assert main([*common, "--spacing", listed, "--save_dir", str(tmp_path / "b"),
+                 "-sp", str(tmp_path / "b.png")]) == 0
+    a, b = (np.load(tmp_path / d / "samples.npz")["images"].astype(int) for d in "ab")
+    assert np.abs(a - b).max() <= 1  # the printed list is rounded to 0.01 of a timestep

@@ -130,7 +130,8 @@ class SampleConfig:
     eta: float = _opt(0.0, low=0.0, high=10.0, doc="DDIM stochasticity; 1 = DDPM posterior")
     var_type: str = _opt("fixed_small", choices=("fixed_small", "fixed_large"))
     spacing: str = _opt("uniform", doc="timestep spacing: uniform (trailing), leading, linspace, "
-                        "quadratic, karras, logsnr, or a list such as 999,500,100 (schedule.py); "
+                        "quadratic, karras, logsnr, optimal (fitted to the model: "
+                        "optimal_steps.py), or a list such as 999,500,100 (schedule.py); "
                         "alias: skip_type")
     order: int = _opt(3, low=1, high=3, doc="unipc: order of the predictor-corrector")
     variant: str = _opt("bh2", choices=("bh1", "bh2"), doc="unipc: B(h) = h or e^h - 1")

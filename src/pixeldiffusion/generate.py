@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import sys
 from collections.abc import Callable
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -21,7 +22,8 @@ from .device import make_generator
 from .errors import PixelDiffusionError
 from .guidance import guided_model, sampling_labels
 from .images import atomic_save, make_grid, save_gif, to_pil, to_uint8
-from .samplers import sample
+from .optimal_steps import GRID as OPTIMAL_GRID
+from .samplers import calibrated_timesteps, make_denoiser, sample
 from .schedule import alphas_cumprod_from_betas, make_betas, sampling_timesteps
 
 MODES = ("sample", "denoise", "progressive")
@@ -39,6 +41,7 @@ class Generated:
     images: Tensor              # [N, C, H, W] in [-1, 1], the final x_0
     frames: Tensor | None       # [N, F, C, H, W] in [-1, 1] along the chain (denoise/progressive)
     labels: Tensor | None = None  # [N] int64 class of each image (class-conditional models)
+    timesteps: Tensor | None = None  # float64 [steps], the fitted "optimal" spacing, else None
 
 
 @torch.no_grad()
@@ -69,8 +72,13 @@ def generate(model: torch.nn.Module, cfg: Config, device: torch.device, *,
     alphas_cumprod = alphas_cumprod_of(cfg)
     generator = make_generator(device, s.seed)
     options = sampler_options(s)
+    optimal = s.spacing == "optimal"  # fitted to this model below, once, before the first batch
     try:  # a bad spacing is the user's: one clear sentence, before any model call
-        sampling_timesteps(len(alphas_cumprod), s.steps, s.spacing, alphas_cumprod)
+        most = min(OPTIMAL_GRID, len(alphas_cumprod))
+        if optimal and not 1 <= s.steps <= most:
+            raise ValueError(f"the optimal spacing fits at most {most} steps; got {s.steps}")
+        if not optimal:
+            sampling_timesteps(len(alphas_cumprod), s.steps, s.spacing, alphas_cumprod)
     except ValueError as err:
         raise PixelDiffusionError(str(err)) from None
     shape = (cfg.data.channels, cfg.data.image_size, cfg.data.image_size)
@@ -78,6 +86,7 @@ def generate(model: torch.nn.Module, cfg: Config, device: torch.device, *,
     n_samples = s.n_samples if labels is None else len(labels)
     images, frames = [], []
     chunk: list[Tensor] = []
+    timesteps: Tensor | None = None
 
     def record(info: dict[str, Any]) -> None:
         if callback is not None:
@@ -92,15 +101,34 @@ def generate(model: torch.nn.Module, cfg: Config, device: torch.device, *,
         net = model if labels is None else guided_model(
             model, labels[start:start + len(x_T)], w, alphas_cumprod=alphas_cumprod,
             interval=s.guidance_interval)
+        if optimal and timesteps is None:
+            timesteps = _fit_optimal(model, cfg, x_T, labels, w, alphas_cumprod)
         x0 = sample(net, x_T, alphas_cumprod, sampler=s.sampler, steps=s.steps,
-                    spacing=s.spacing, prediction=cfg.diffusion.prediction,
+                    spacing=s.spacing if timesteps is None else timesteps,
+                    prediction=cfg.diffusion.prediction,
                     clip_x0=s.clip_x0, dynamic_threshold=s.dynamic_threshold, generator=generator,
                     callback=record if mode != "sample" or callback else None,
                     **options).float().cpu()
         images.append(x0)
         if mode != "sample":
             frames.append(torch.stack([*chunk, x0], dim=1))
-    return Generated(torch.cat(images), torch.cat(frames) if frames else None, labels)
+    return Generated(torch.cat(images), torch.cat(frames) if frames else None, labels, timesteps)
+
+
+def _fit_optimal(model: torch.nn.Module, cfg: Config, x_T: Tensor, labels: Tensor | None,
+                 w: float, alphas_cumprod: Tensor) -> Tensor:
+    """The "optimal" timesteps of ``model`` as it samples here (same guidance and clipping),
+    fitted on min(32, n_samples) calibration noise images drawn with seed + 1, so not the
+    images' own noise (samplers.calibrated_timesteps)."""
+    s = cfg.sample
+    n = min(32, s.n_samples)
+    net = model if labels is None else guided_model(
+        model, labels[torch.arange(n, device=labels.device) % len(labels)], w,
+        alphas_cumprod=alphas_cumprod, interval=s.guidance_interval)
+    denoise = make_denoiser(net, alphas_cumprod, prediction=cfg.diffusion.prediction,
+                            clip_x0=s.clip_x0, dynamic_threshold=s.dynamic_threshold)
+    return calibrated_timesteps(denoise, x_T, alphas_cumprod, s.steps, sampler=s.sampler,
+                                options=sampler_options(s), samples=n, seed=s.seed + 1)
 
 
 def save_grid_of(generated: Generated, path: str | Path, *, nrow: int,
@@ -167,6 +195,10 @@ def run_from_args(loaded: LoadedCheckpoint, args: Any, device: torch.device) -> 
                          interval=args.interval or (1 if gif else None),
                          guidance=getattr(args, "guidance", None),
                          class_label=getattr(args, "class_label", None))
+    if generated.timesteps is not None:
+        listed = ",".join(f"{t:.2f}".rstrip("0").rstrip(".") for t in generated.timesteps.tolist())
+        print(f"optimal timesteps (fitted to this checkpoint; pass them to skip the fit next "
+              f"time): --spacing {listed}", file=sys.stderr)
     grid = generated if mode != "sample" else replace(generated, frames=None)
     written = [save_grid_of(grid, args.save_path, nrow=cfg.sample.nrow,
                             grayscale=args.to_grayscale)]

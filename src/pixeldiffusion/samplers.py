@@ -470,9 +470,13 @@ def sample(model: Callable[[Tensor, Tensor], Tensor], x_T: Tensor, alphas_cumpro
         integer spacings, float for ``karras`` / ``logsnr``.
     x_T: [N, ...] standard normal noise. alphas_cumprod: the training schedule, shape [T].
     sampler: a name in ``SAMPLERS``; steps: timesteps (= NFE, except ``heun``: 2 steps - 1).
-    spacing: ``schedule.SPACINGS`` name or an explicit list of timesteps; default "logsnr" for
-        ``unipc`` and the DPM-Solver++ samplers, "karras" for euler/heun/euler_ancestral,
-        "uniform" for ddpm/ddim. ``skip_type``: deprecated alias of ``spacing``.
+    spacing: ``schedule.SPACINGS`` name, "optimal" or an explicit list of timesteps; default
+        "logsnr" for ``unipc`` and the DPM-Solver++ samplers, "karras" for euler/heun/
+        euler_ancestral, "uniform" for ddpm/ddim. "optimal" first fits the timesteps to this model
+        (``optimal_steps.optimal_timesteps``: 200 + 5 x steps extra model calls on 32
+        calibration samples drawn with seed 0, not ``x_T``); to pay that once, call it yourself
+        and pass its result.
+        ``skip_type``: deprecated alias of ``spacing``.
     clip_x0 / dynamic_threshold: see ``make_denoiser``; False / 0 leave the math untouched.
     options: the sampler's own keywords (``eta``, ``var_type``, ``order``, ``variant``, ...).
     Returns x_0 [N, ...], in [-1, 1] for image models with clipping.
@@ -482,11 +486,38 @@ def sample(model: Callable[[Tensor, Tensor], Tensor], x_T: Tensor, alphas_cumpro
     if spacing is None:
         spacing = default_spacing(sampler)
     alphas_cumprod = alphas_cumprod.detach().double().cpu()
-    timesteps = sampling_timesteps(len(alphas_cumprod), steps, spacing, alphas_cumprod)
     denoise = make_denoiser(model, alphas_cumprod, prediction=prediction, clip_x0=clip_x0,
                             dynamic_threshold=dynamic_threshold)
+    if isinstance(spacing, str) and spacing == "optimal":
+        timesteps = calibrated_timesteps(denoise, x_T, alphas_cumprod, steps, sampler=sampler,
+                                         options=options)
+    else:
+        timesteps = sampling_timesteps(len(alphas_cumprod), steps, spacing, alphas_cumprod)
     return SAMPLERS[sampler](denoise, x_T, timesteps, alphas_cumprod, generator=generator,
                              callback=callback, **options)
+
+
+STOCHASTIC = ("ddpm", "euler_ancestral", "dpmpp_2m_sde")  # and ddim with eta > 0
+
+
+def calibrated_timesteps(denoise: Denoiser, x_T: Tensor, alphas_cumprod: Tensor, steps: int, *,
+                         sampler: str | None = None, options: dict[str, Any] | None = None,
+                         samples: int = 32, seed: int = 0) -> Tensor:
+    """The "optimal" spacing for ``denoise``, fitted on ``samples`` fresh noise images shaped
+    like ``x_T`` (seed ``seed``, so the same model always gets the same timesteps) and, for a
+    deterministic ``sampler``, checked with it and its ``options``
+    (``optimal_steps.optimal_timesteps``)."""
+    from .optimal_steps import optimal_timesteps
+
+    options = options or {}
+    generator = torch.Generator(x_T.device).manual_seed(seed)
+    noise = torch.randn((samples, *x_T.shape[1:]), generator=generator, device=x_T.device,
+                        dtype=x_T.dtype)
+    deterministic = sampler is not None and sampler not in STOCHASTIC \
+        and not (sampler == "ddim" and options.get("eta", 0.0) > 0)
+    return optimal_timesteps(denoise, noise, alphas_cumprod, steps,
+                             sampler=SAMPLERS[sampler] if deterministic else None,
+                             **(options if deterministic else {}))
 
 
 def default_spacing(sampler: str) -> str:

@@ -97,6 +97,7 @@ def timestep_of_sigma(alphas_cumprod: Tensor, sigma: Tensor) -> Tensor:
 
 
 SPACINGS = ("uniform", "leading", "linspace", "quadratic", "karras", "logsnr")
+MODEL_SPACINGS = ("optimal",)  # fitted to a model: optimal_steps.py, through samplers.sample
 
 
 def _explicit(spacing: str | Sequence[float] | Tensor) -> Tensor | None:
@@ -134,6 +135,7 @@ def sampling_timesteps(T: int, steps: int, spacing: str | Sequence[float] | Tens
     logsnr:    uniform in lambda_ = log(alpha/sigma) from lambda_(T-1) to lambda_(0) (Lu et al.
                2022, DPM-Solver, Sec. 3.3 "time uniform in lambda"): starts at T-1, ends at 0.
                Needs ``alphas_cumprod``.
+    optimal:   fitted to a model (``optimal_steps.optimal_timesteps``); not available here.
     A list or tensor of timesteps (or text "999,500,100"): used as given; it must be strictly
     decreasing within [0, T-1]; ``steps`` is then ignored (the list's length is the count).
     """
@@ -144,10 +146,14 @@ def sampling_timesteps(T: int, steps: int, spacing: str | Sequence[float] | Tens
             raise ValueError(f"explicit timesteps must be strictly decreasing within [0, {T - 1}];"
                              f" got {explicit.tolist()}")
         return explicit
+    if spacing in MODEL_SPACINGS:
+        raise ValueError(f"the '{spacing}' spacing is fitted to a model: use samplers.sample(..., "
+                         f"spacing='{spacing}') or optimal_steps.optimal_timesteps")
     if spacing not in SPACINGS:
-        close = difflib.get_close_matches(str(spacing), SPACINGS, n=1)
+        names = SPACINGS + MODEL_SPACINGS
+        close = difflib.get_close_matches(str(spacing), names, n=1)
         hint = f"did you mean '{close[0]}'? " if close else ""
-        raise ValueError(f"unknown spacing '{spacing}'; {hint}use one of {', '.join(SPACINGS)} or "
+        raise ValueError(f"unknown spacing '{spacing}'; {hint}use one of {', '.join(names)} or "
                          f"a comma-separated list of timesteps")
     if not 1 <= steps <= T:
         raise ValueError(f"steps must be in [1, {T}] (the model's timesteps); got {steps}")
