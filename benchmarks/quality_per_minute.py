@@ -196,7 +196,8 @@ def main() -> None:
     parser.add_argument("--ours", action="append", type=parse_recipe,
                         help="NAME=OVERRIDES, repeatable (default: 'default=', the defaults)")
     parser.add_argument("--ours_minutes", type=float, default=20.0)
-    parser.add_argument("--diffusers_minutes", type=float, nargs="+", default=[20.0, 60.0])
+    parser.add_argument("--diffusers_minutes", type=float, nargs="*", default=[20.0, 60.0],
+                        help="budgets of the diffusers recipe; none = only our recipes")
     parser.add_argument("--samples", type=int, default=1000, help="images per model")
     parser.add_argument("--cores", type=int, choices=(1, 2),
                         default=2 if len(os.sched_getaffinity(0)) >= 2 else 1,
@@ -220,8 +221,9 @@ def main() -> None:
               "--samples", str(args.samples), "--diffusers_minutes",
               *map(str, args.diffusers_minutes)]
     background = None
-    if args.cores == 2:
+    if args.cores == 2 and args.diffusers_minutes:
         background = subprocess.Popen([*worker, "--core", "1"])
+    if args.cores == 2:
         pin(0)
 
     extractor = evaluate.digit_extractor()
@@ -246,7 +248,7 @@ def main() -> None:
         rows.append((f"pixeldiffusion {name} ({' '.join(overrides) or 'the defaults'}), "
                      f"{sample_cfg.sampler}-{sample_cfg.steps}",
                      f"{trained / 60:.1f}", steps, digit_fid(images)))
-    if background is None:
+    if background is None and args.diffusers_minutes:
         subprocess.run(worker, check=True)
     elif background.wait() != 0:
         raise SystemExit("the diffusers run failed (its error is above)")

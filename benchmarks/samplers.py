@@ -188,7 +188,6 @@ def main() -> None:
     parser.add_argument("--components", type=int, default=8)
     parser.add_argument("--no-diffusers", action="store_true")
     args = parser.parse_args()
-    torch.set_num_threads(2)
     mixture = Mixture(args.dim, args.components)
     g = torch.Generator().manual_seed(1)
     x_T = torch.randn(args.n, args.dim, generator=g, dtype=torch.float64)
