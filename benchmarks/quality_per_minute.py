@@ -250,7 +250,7 @@ def main() -> None:
                      f"{trained / 60:.1f}", steps, digit_fid(images)))
     if background is None and args.diffusers_minutes:
         subprocess.run(worker, check=True)
-    elif background.wait() != 0:
+    elif background is not None and background.wait() != 0:
         raise SystemExit("the diffusers run failed (its error is above)")
     for minutes in sorted(args.diffusers_minutes):
         saved = np.load(out / f"diffusers-{minutes:g}min.npz")

@@ -85,7 +85,8 @@ def _add_sample(commands: argparse._SubParsersAction) -> None:
     s.add_argument("--spacing", "--skip_type", dest="spacing",
                    help="timesteps: uniform (trailing), leading, linspace, quadratic, karras, "
                         "logsnr, optimal (fitted to this model first: about 200 extra model "
-                        "calls on up to 32 images; printed for reuse), or a list such as 999,600,300,100")
+                        "calls on up to 32 images; printed for reuse), or a list such as "
+                        "999,600,300,100")
     s.add_argument("--order", type=int, choices=(1, 2, 3), help="unipc order (default 3)")
     s.add_argument("--variant", choices=("bh1", "bh2"), help="unipc B(h) variant (default bh2)")
     s.add_argument("--dynamic_threshold", type=float, metavar="P",
