@@ -8,10 +8,11 @@
 
 Each recipe gets one CPU core and one thread (``--cores 2``, the default on a machine with two
 or more): the diffusers run on core 1 for the longest of ``--diffusers_minutes``, keeping its EMA
-weights at each shorter mark, while our recipes train one after another on core 0. So a
-"minute" here is one core-minute, the same for both, and the whole benchmark takes about the
-longest diffusers budget plus sampling. ``--cores 1`` runs everything one after another on all
-cores instead.
+weights at each shorter mark, while our recipes train one after another on core 0 (``--core``
+swaps them; with ``--diffusers_minutes`` empty, two runs on cores 0 and 1 tune two recipes at
+once). So a "minute" here is one core-minute, the same for both, and the whole benchmark takes
+about the longest diffusers budget plus sampling. ``--cores 1`` runs everything one after
+another on all cores instead.
 
 * ours: ``pixeldiffusion train`` with the default config plus each ``--ours NAME=OVERRIDES``
   (``--section.key value`` pairs), ``--train.steps`` raised unless the overrides set it, and no
@@ -204,7 +205,9 @@ def main() -> None:
                         help="2: diffusers on core 1 while ours run on core 0, one thread each")
     parser.add_argument("--out", default=str(REPO / "benchmarks" / "out" / "quality_per_minute"))
     parser.add_argument("--worker", choices=("diffusers",), help=argparse.SUPPRESS)
-    parser.add_argument("--core", type=int, help=argparse.SUPPRESS)
+    parser.add_argument("--core", type=int, default=0,
+                        help="with --cores 2, the core our recipes run on (default 0); two runs "
+                             "with no diffusers budget can then train two recipes at once")
     args = parser.parse_args()
     if args.minutes is not None:
         args.ours_minutes, args.diffusers_minutes = args.minutes, [args.minutes]
@@ -222,9 +225,9 @@ def main() -> None:
               *map(str, args.diffusers_minutes)]
     background = None
     if args.cores == 2 and args.diffusers_minutes:
-        background = subprocess.Popen([*worker, "--core", "1"])
+        background = subprocess.Popen([*worker, "--core", str(1 - args.core)])
     if args.cores == 2:
-        pin(0)
+        pin(args.core)
 
     extractor = evaluate.digit_extractor()
     reference = evaluate.reference_features("digits", extractor, resolution=32, channels=1)
