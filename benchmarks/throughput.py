@@ -47,7 +47,7 @@ from pixeldiffusion.config import Config, load_config
 from pixeldiffusion.device import resolve_device
 from pixeldiffusion.diffusion import training_loss
 from pixeldiffusion.generate import alphas_cumprod_of
-from pixeldiffusion.train import ema_update
+from pixeldiffusion.train import FUSED_ADAMW, ema_update
 from pixeldiffusion.unet import build_unet, count_parameters
 
 CONFIGS = Path(__file__).resolve().parent.parent / "configs"
@@ -123,7 +123,7 @@ def ours_steps(cfg: Config, batch: int, sample_batch: int, device: torch.device,
         device, memory_format=torch.channels_last)
     ema = copy.deepcopy(model).requires_grad_(False).eval()
     optimizer = torch.optim.AdamW(model.parameters(), lr=tc.lr, weight_decay=tc.weight_decay,
-                                  fused=device.type == "cuda")
+                                  fused=device.type in FUSED_ADAMW)
     alphas_cumprod = alphas_cumprod_of(cfg).float().to(device)
     forward, ema_forward = model, ema
     if compile_model:
