@@ -15,7 +15,8 @@ about the longest diffusers budget plus sampling. ``--cores 1`` runs everything 
 another on all cores instead.
 
 * ours: ``pixeldiffusion train`` with the default config plus each ``--ours NAME=OVERRIDES``
-  (``--section.key value`` pairs), ``--train.steps`` raised unless the overrides set it, and no
+  (``--section.key value`` pairs, or ``-c CONFIG`` first), ``--train.steps`` raised unless the
+  overrides set it or name a config file (``-c configs/mnist_cosine.yaml``), and no
   grids, checkpoints or evaluation during the run (the diffusers loop does none either). After
   the given minutes the script sends SIGINT and the run saves its current step (the documented
   Ctrl-C behaviour). Samples: the checkpoint's own ``sample`` config, EMA weights.
@@ -74,8 +75,8 @@ def train_ours(minutes: float, run_dir: Path, overrides: list[str]) -> tuple[Pat
     command = [sys.executable, "-m", "pixeldiffusion", "train", "-e", str(run_dir), "--no_progress",
                "--train.eval_samples", "0", "--train.sample_every", "0", "--train.save_every", "0",
                *overrides]
-    if "--train.steps" not in overrides:
-        command += ["--train.steps", "10000000"]
+    if "--train.steps" not in overrides and not {"-c", "--config"} & set(overrides):
+        command += ["--train.steps", "10000000"]  # a config file (-c) keeps its own steps
     process = subprocess.Popen(command, cwd=REPO)
     try:
         process.wait(timeout=minutes * 60)
