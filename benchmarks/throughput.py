@@ -44,7 +44,7 @@ import torch
 import torch.nn.functional as F
 
 from pixeldiffusion.config import Config, load_config
-from pixeldiffusion.device import resolve_device
+from pixeldiffusion.device import resolve_device, use_fast_kernels
 from pixeldiffusion.diffusion import training_loss
 from pixeldiffusion.generate import alphas_cumprod_of
 from pixeldiffusion.train import FUSED_ADAMW, ema_update
@@ -277,6 +277,7 @@ def main() -> None:
     args = parser.parse_args()
 
     device = resolve_device(args.device)
+    use_fast_kernels(device)  # cudnn.benchmark on CUDA, for both libraries alike
     gpu = device.type == "cuda"
     name = torch.cuda.get_device_name(device) if gpu else \
         f"{cpu_name()}, {torch.get_num_threads()} threads"

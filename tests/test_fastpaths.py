@@ -169,3 +169,15 @@ def test_compiled_matches_eager() -> None:
     grads_compiled = torch.autograd.grad(out_compiled.square().mean(), list(model.parameters()))
     for a, b in zip(grads_compiled, grads_eager, strict=True):
         torch.testing.assert_close(a, b, rtol=1e-3, atol=1e-5)
+
+
+def test_fast_kernels_turn_on_cudnn_autotuning_on_cuda_only(monkeypatch) -> None:
+    """cuDNN's per-shape algorithm search is switched on for CUDA devices and left alone on
+    others (the flag is global, so a CPU run must not flip it)."""
+    from pixeldiffusion.device import use_fast_kernels
+
+    monkeypatch.setattr(torch.backends.cudnn, "benchmark", False)
+    use_fast_kernels(torch.device("cpu"))
+    assert torch.backends.cudnn.benchmark is False
+    use_fast_kernels(torch.device("cuda", 0))  # a device object needs no GPU to exist
+    assert torch.backends.cudnn.benchmark is True

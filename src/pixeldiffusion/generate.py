@@ -18,7 +18,7 @@ from torch import Tensor
 
 from .checkpoint import LoadedCheckpoint
 from .config import Config, SampleConfig, from_dict
-from .device import make_generator
+from .device import make_generator, use_fast_kernels
 from .errors import PixelDiffusionError
 from .guidance import guided_model, sampling_labels
 from .images import atomic_save, make_grid, save_gif, to_pil, to_uint8
@@ -71,6 +71,7 @@ def generate(model: torch.nn.Module, cfg: Config, device: torch.device, *,
     interval = interval or max(1, s.steps // 10)
     alphas_cumprod = alphas_cumprod_of(cfg)
     generator = make_generator(device, s.seed)
+    use_fast_kernels(device)
     options = sampler_options(s)
     optimal = s.spacing == "optimal"  # fitted to this model below, once, before the first batch
     try:  # a bad spacing is the user's: one clear sentence, before any model call

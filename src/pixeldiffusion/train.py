@@ -33,7 +33,7 @@ from .checkpoint import (
 )
 from .config import Config, save_config
 from .data import load_dataset, make_loader, random_hflip
-from .device import make_generator, resolve_device
+from .device import make_generator, resolve_device, use_fast_kernels
 from .diffusion import training_loss
 from .errors import CheckpointError, ConfigError, PixelDiffusionError
 from .generate import alphas_cumprod_of, generate
@@ -274,6 +274,7 @@ def _train_locked(cfg: Config, run_dir: Path, point: ResumePoint | None, acceler
     """The training loop proper, with the run directory locked and the resume point loaded."""
     resume_from = point.path if point is not None else None
     device, main = accelerator.device, accelerator.is_main_process
+    use_fast_kernels(device)
     tc = cfg.train
 
     dataset = load_dataset(cfg.data)
