@@ -252,10 +252,11 @@ def main() -> None:
         rows.append((f"pixeldiffusion {name} ({' '.join(overrides) or 'the defaults'}), "
                      f"{sample_cfg.sampler}-{sample_cfg.steps}",
                      f"{trained / 60:.1f}", steps, digit_fid(images)))
-    if background is None and args.diffusers_minutes:
+    if background is not None:
+        if background.wait() != 0:
+            raise SystemExit("the diffusers run failed (its error is above)")
+    elif args.diffusers_minutes:
         subprocess.run(worker, check=True)
-    elif background is not None and background.wait() != 0:
-        raise SystemExit("the diffusers run failed (its error is above)")
     for minutes in sorted(args.diffusers_minutes):
         saved = np.load(out / f"diffusers-{minutes:g}min.npz")
         images = torch.from_numpy(saved["images"])

@@ -3,7 +3,7 @@ import pytest
 import torch
 
 from pixeldiffusion.diffusion import target
-from pixeldiffusion.samplers import SAMPLERS, ddim, ddpm, make_denoiser, sample
+from pixeldiffusion.samplers import SAMPLERS, ddim, ddpm, is_stochastic, make_denoiser, sample
 from pixeldiffusion.schedule import (
     SPACINGS,
     alphas_cumprod_at,
@@ -337,3 +337,16 @@ def test_sample_defaults_to_unipc_logsnr_10_steps_and_accepts_options():
 def test_sampler_names_match_the_config_choices():
     from pixeldiffusion.config import SAMPLER_NAMES
     assert set(SAMPLER_NAMES) == set(SAMPLERS)
+
+
+@pytest.mark.parametrize(("sampler", "options"), [
+    *((name, {}) for name in sorted(SAMPLERS)),
+    ("ddim", {"eta": 0.5}), ("euler_ancestral", {"eta": 0.0}), ("dpmpp_2m_sde", {"eta": 0.0}),
+    ("heun", {"s_churn": 5.0}),
+])
+def test_is_stochastic_says_whether_two_runs_from_one_noise_differ(sampler, options):
+    model = gaussian_model(0.6)
+    x_T = torch.randn(16, 3, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    a, b = (sample(model, x_T, ABAR, sampler=sampler, steps=8, clip_x0=False,
+                   generator=torch.Generator().manual_seed(seed), **options) for seed in (1, 2))
+    assert is_stochastic(sampler, options) == (not torch.equal(a, b))

@@ -22,7 +22,7 @@ from .device import make_generator, use_fast_kernels
 from .errors import PixelDiffusionError
 from .guidance import guided_model, sampling_labels
 from .images import atomic_save, make_grid, save_gif, to_pil, to_uint8
-from .optimal_steps import GRID as OPTIMAL_GRID
+from .optimal_steps import check_steps as check_optimal_steps
 from .samplers import calibrated_timesteps, make_denoiser, sample
 from .schedule import alphas_cumprod_from_betas, make_betas, sampling_timesteps
 
@@ -75,10 +75,9 @@ def generate(model: torch.nn.Module, cfg: Config, device: torch.device, *,
     options = sampler_options(s)
     optimal = s.spacing == "optimal"  # fitted to this model below, once, before the first batch
     try:  # a bad spacing is the user's: one clear sentence, before any model call
-        most = min(OPTIMAL_GRID, len(alphas_cumprod))
-        if optimal and not 1 <= s.steps <= most:
-            raise ValueError(f"the optimal spacing fits at most {most} steps; got {s.steps}")
-        if not optimal:
+        if optimal:
+            check_optimal_steps(len(alphas_cumprod), s.steps)
+        else:
             sampling_timesteps(len(alphas_cumprod), s.steps, s.spacing, alphas_cumprod)
     except ValueError as err:
         raise PixelDiffusionError(str(err)) from None

@@ -59,11 +59,7 @@ def optimal_timesteps(denoise: Denoiser, x_T: Tensor, alphas_cumprod: Tensor, st
     """
     alphas_cumprod = alphas_cumprod.detach().double().cpu()
     T = len(alphas_cumprod)
-    grid = min(GRID, T) if grid is None else grid
-    if not 1 <= steps <= grid:
-        raise ValueError(f"the optimal spacing needs 1 <= steps <= grid ({grid}); got {steps}")
-    if not 2 <= grid <= T:
-        raise ValueError(f"grid must be in [2, {T}]; got {grid}")
+    grid = check_steps(T, steps, grid)
     points = sampling_timesteps(T, grid, "logsnr", alphas_cumprod)
     xs: list[Tensor] = []
     x0s: list[Tensor] = []
@@ -95,6 +91,18 @@ def optimal_timesteps(denoise: Denoiser, x_T: Tensor, alphas_cumprod: Tensor, st
     errors = [float((sampler(denoise, x_T, c, alphas_cumprod, **options).flatten(1) - X0[-1])
                     .double().pow(2).mean()) for c in candidates]
     return candidates[int(np.argmin(errors))]
+
+
+def check_steps(T: int, steps: int, grid: int | None = None) -> int:
+    """The teacher's grid size for a model of ``T`` timesteps (default min(GRID, T)), or a
+    ValueError saying what ``steps`` (and ``grid``) may be."""
+    grid = min(GRID, T) if grid is None else grid
+    if not 2 <= grid <= T:
+        raise ValueError(f"grid must be in [2, {T}]; got {grid}")
+    if not 1 <= steps <= grid:
+        raise ValueError(f"the optimal spacing needs 1 <= steps <= grid ({grid}, the points of "
+                         f"its teacher solution); got {steps}")
+    return grid
 
 
 def _blend(alphas_cumprod: Tensor, a: Tensor, b: Tensor, weight: float) -> Tensor:

@@ -27,6 +27,7 @@ Adding a sampler means adding one function here and one entry to ``SAMPLERS``.
 from __future__ import annotations
 
 import difflib
+import inspect
 import math
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -497,7 +498,17 @@ def sample(model: Callable[[Tensor, Tensor], Tensor], x_T: Tensor, alphas_cumpro
                              callback=callback, **options)
 
 
-STOCHASTIC = ("ddpm", "euler_ancestral", "dpmpp_2m_sde")  # and ddim with eta > 0
+def is_stochastic(sampler: str, options: dict[str, Any] | None = None) -> bool:
+    """Whether ``sampler`` with ``options`` adds fresh noise along the chain, so that two runs
+    from the same x_T differ: ``ddpm`` always, the others when their ``eta`` or ``s_churn`` is
+    above 0 (given in ``options``, else the sampler's own default: ddim 0, euler_ancestral and
+    dpmpp_2m_sde 1, heun's s_churn 0)."""
+    if sampler == "ddpm":
+        return True
+    options = options or {}
+    parameters = inspect.signature(SAMPLERS[sampler]).parameters
+    return any(float(options.get(name, parameters[name].default)) > 0
+               for name in ("eta", "s_churn") if name in parameters)
 
 
 def calibrated_timesteps(denoise: Denoiser, x_T: Tensor, alphas_cumprod: Tensor, steps: int, *,
@@ -513,8 +524,7 @@ def calibrated_timesteps(denoise: Denoiser, x_T: Tensor, alphas_cumprod: Tensor,
     generator = torch.Generator(x_T.device).manual_seed(seed)
     noise = torch.randn((samples, *x_T.shape[1:]), generator=generator, device=x_T.device,
                         dtype=x_T.dtype)
-    deterministic = sampler is not None and sampler not in STOCHASTIC \
-        and not (sampler == "ddim" and options.get("eta", 0.0) > 0)
+    deterministic = sampler is not None and not is_stochastic(sampler, options)
     return optimal_timesteps(denoise, noise, alphas_cumprod, steps,
                              sampler=SAMPLERS[sampler] if deterministic else None,
                              **(options if deterministic else {}))
