@@ -181,3 +181,133 @@ def test_fast_kernels_turn_on_cudnn_autotuning_on_cuda_only(monkeypatch) -> None
     assert torch.backends.cudnn.benchmark is False
     use_fast_kernels(torch.device("cuda", 0))  # a device object needs no GPU to exist
     assert torch.backends.cudnn.benchmark is True
+
+
+def sampling_config(**sample: object):
+    """A Config that generates 3 images of small_unet's 3x16x16 with 4 DDIM steps over T=100."""
+    from dataclasses import replace
+
+    from pixeldiffusion.config import Config
+
+    cfg = Config()
+    return replace(cfg, data=replace(cfg.data, channels=3, image_size=16),
+                   diffusion=replace(cfg.diffusion, timesteps=100),
+                   sample=replace(cfg.sample, sampler="ddim", steps=4, n_samples=3, **sample))
+
+
+class Spy(torch.nn.Module):
+    """Records, for each call, the memory format of x_t, whether inference mode was on and the
+    autocast state, then calls the wrapped model."""
+
+    def __init__(self, model: torch.nn.Module) -> None:
+        super().__init__()
+        self.model, self.calls = model, []
+
+    def forward(self, x: torch.Tensor, t: torch.Tensor, **kwargs) -> torch.Tensor:
+        self.calls.append((x.is_contiguous(memory_format=torch.channels_last),
+                           torch.is_inference_mode_enabled(),
+                           torch.is_autocast_enabled("cpu")))
+        return self.model(x, t, **kwargs)
+
+
+def test_generate_samples_channels_last_under_inference_mode() -> None:
+    """``generate`` (what sample, eval, the UI and training's grids call) runs the fast path the
+    speed table measures: channels-last x_t and weights, inference mode, no autocast at fp32; and
+    it draws the images the plain contiguous sampler draws from the same noise."""
+    from pixeldiffusion.device import make_generator
+    from pixeldiffusion.generate import alphas_cumprod_of, generate
+
+    cfg = sampling_config()
+    spy = Spy(small_unet().eval())
+    images = generate(spy, cfg, torch.device("cpu")).images
+    assert spy.calls == [(True, True, False)] * 4
+    assert spy.model.conv_in.weight.is_contiguous(memory_format=torch.channels_last)
+    x_T = torch.randn((3, 3, 16, 16), generator=make_generator(torch.device("cpu"), 0))
+    with torch.no_grad():
+        plain = sample(small_unet().eval(), x_T, alphas_cumprod_of(cfg), sampler="ddim", steps=4)
+    torch.testing.assert_close(images, plain, rtol=1e-4, atol=1e-5)
+
+
+def test_bf16_sampling_within_tolerance() -> None:
+    """``sample.precision: bf16`` autocasts every model call and ends within bf16's precision of
+    the fp32 images (the sampler's own arithmetic stays fp32: the output dtype is float32)."""
+    from pixeldiffusion.generate import generate
+
+    spy = Spy(small_unet().eval())
+    images16 = generate(spy, sampling_config(precision="bf16"), torch.device("cpu")).images
+    assert [autocast for *_, autocast in spy.calls] == [True] * 4
+    images32 = generate(small_unet().eval(), sampling_config(), torch.device("cpu")).images
+    assert images16.dtype == torch.float32
+    error = (images16 - images32).abs().max()
+    assert 0 < error < 0.05, f"bf16 sampling is {error:.4f} away from fp32 (max abs, range [-1, 1])"
+
+
+def test_cuda_graph_outputs_are_copied_before_samplers_keep_them(monkeypatch) -> None:
+    """With ``compile`` on CUDA the model runs as a replayed CUDA graph whose output buffer the
+    next replay overwrites; ``sampling_network`` must hand the sampler a copy. Checked with a
+    stand-in for torch.compile that reuses one output buffer the way a graph does (no GPU
+    needed: only the wrapper's logic is under test)."""
+    from pixeldiffusion import generate as generate_module
+
+    options = []
+
+    class OneBuffer:
+        def __init__(self, model, **kwargs):
+            options.append(kwargs)
+            self.buffer = None
+
+        def __call__(self, x, t, **kwargs):
+            self.buffer = torch.full_like(x, float(t[0])) if self.buffer is None \
+                else self.buffer.fill_(float(t[0]))
+            return self.buffer
+
+    monkeypatch.setattr(generate_module.torch, "compile", OneBuffer)
+    monkeypatch.setattr(torch.nn.Module, "to", lambda self, *a, **k: self)  # no GPU to move to
+    net = generate_module.sampling_network(torch.nn.Identity(), torch.device("cuda"),
+                                           compile=True)
+    x = torch.zeros(1, 1, 2, 2)
+    first, second = net(x, torch.tensor([5])), net(x, torch.tensor([7]))
+    assert first.unique().tolist() == [5.0] and second.unique().tolist() == [7.0]
+    assert options == [{"mode": "reduce-overhead", "dynamic": False}]
+
+
+@pytest.mark.skipif(os.environ.get("PIXELDIFFUSION_TEST_COMPILE") != "1",
+                    reason="torch.compile takes minutes on 2 CPU cores; set "
+                           "PIXELDIFFUSION_TEST_COMPILE=1 to run")
+def test_compiled_sampling_matches_eager() -> None:
+    """``sample.compile: true`` draws the eager images (same noise, same sampler)."""
+    from pixeldiffusion.generate import generate
+
+    eager = generate(small_unet().eval(), sampling_config(), torch.device("cpu")).images
+    compiled = generate(small_unet().eval(), sampling_config(compile=True),
+                        torch.device("cpu")).images
+    torch.testing.assert_close(compiled, eager, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.skipif(os.environ.get("PIXELDIFFUSION_TEST_COMPILE") != "1",
+                    reason="torch.compile takes minutes on 2 CPU cores; set "
+                           "PIXELDIFFUSION_TEST_COMPILE=1 to run")
+def test_compiled_training_matches_eager(tmp_path, tiny_args) -> None:
+    """``--train.compile true`` trains the eager run's weights (same seed, same batches, no
+    dropout, whose random masks the compiler draws differently) and writes checkpoints that load
+    into the plain UNet (no torch.compile key prefixes). Adam divides each gradient by its own
+    running size, so a near-zero gradient that rounds differently can move one weight by up
+    to a learning-rate-sized step: nearly all weights must agree to 1e-5, every one to lr."""
+    from safetensors.torch import load_file
+
+    from pixeldiffusion.checkpoint import load_checkpoint
+    from pixeldiffusion.cli import main
+
+    weights = []
+    for name, flag in (("eager", "false"), ("compiled", "true")):
+        run = tmp_path / name
+        assert main(["train", "-e", str(run), *tiny_args, "--model.dropout", "0",
+                     "--train.compile", flag, "--no_progress"]) == 0
+        load_checkpoint(run)  # strict load into build_unet's UNet
+        checkpoint = next((run / "checkpoints").glob("step-*"))
+        weights.append(load_file(checkpoint / "weights.safetensors"))
+    assert weights[0].keys() == weights[1].keys()
+    eager, compiled = (torch.cat([w[k].flatten() for k in sorted(w)]) for w in weights)
+    difference = (compiled - eager).abs()
+    assert (difference <= 1e-5).float().mean() > 0.99, f"{(difference > 1e-5).sum()} weights differ"
+    assert difference.max() <= 1e-3  # tiny_args' train.lr

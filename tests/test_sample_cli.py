@@ -110,3 +110,17 @@ def test_optimal_spacing_is_fitted_printed_and_reusable(trained, tmp_path, capsy
                  "-sp", str(tmp_path / "b.png")]) == 0
     a, b = (np.load(tmp_path / d / "samples.npz")["images"].astype(int) for d in "ab")
     assert np.abs(a - b).max() <= 1  # the printed list is rounded to 0.01 of a timestep
+
+
+def test_precision_and_compile_flags_reach_the_sampler(trained, tmp_path):
+    """``--precision bf16`` samples under bf16 autocast, within a few grey levels of fp32, and
+    ``--compile false`` is the eager default; a dtype that is not offered is refused."""
+    common = ["sample", "-cp", str(trained), "-bs", "4", "--device", "cpu", "--sampler", "ddim",
+              "--steps", "3"]
+    for name, extra in (("fp32", ["--compile", "false"]), ("bf16", ["--precision", "bf16"])):
+        assert main([*common, *extra, "--save_dir", str(tmp_path / name),
+                     "-sp", str(tmp_path / f"{name}.png")]) == 0
+    a, b = (np.load(tmp_path / d / "samples.npz")["images"].astype(int) for d in ("fp32", "bf16"))
+    assert 0 < np.abs(a - b).max() <= 16
+    with pytest.raises(SystemExit):
+        main([*common, "--precision", "fp8", "-sp", str(tmp_path / "x.png")])

@@ -116,6 +116,11 @@ def _add_sample(commands: argparse._SubParsersAction) -> None:
     s.add_argument("--guidance", type=float, metavar="W",
                    help="classifier-free guidance weight: 0 unconditional, 1 conditional, "
                         ">1 guided (default: the checkpoint's sample.guidance)")
+    s.add_argument("--precision", choices=("fp32", "bf16", "fp16"),
+                   help="autocast dtype of the model calls (default fp32; bf16 for GPUs)")
+    s.add_argument("--compile", type=_bool, metavar="BOOL",
+                   help="torch.compile the UNet first (on CUDA: CUDA graphs); pays for many "
+                        "images")
     s.set_defaults(run=_sample)
 
 

@@ -95,6 +95,9 @@ class TrainConfig:
     ema_warmup: bool = _opt(True, doc="EMA decay min(ema_decay, (1+n)/(10+n)) early on")
     seed: int = _opt(0, low=0, high=2**63 - 1)
     mixed_precision: str = _opt("no", choices=("no", "bf16", "fp16"))
+    compile: bool = _opt(False, doc="torch.compile the UNet's training forward/backward: a "
+                         "one-off compile of minutes, meant for long GPU runs; on the 2-core "
+                         "CPU it measured no faster (README, Speed)")
     device: str = _opt("auto", doc="auto | cpu | cuda | cuda:N | mps")
     log_every: int = _opt(50, low=1, high=100_000_000)
     sample_every: int = _opt(400, low=0, high=100_000_000, doc="sample grid PNG; 0 = off")
@@ -143,6 +146,12 @@ class SampleConfig:
     clip_x0: bool = _opt(True, doc="clip the predicted x0 to [-1, 1]")
     use_ema: bool = _opt(True)
     seed: int = _opt(0, low=0, high=2**63 - 1)
+    precision: str = _opt("fp32", choices=("fp32", "bf16", "fp16"),
+                          doc="autocast dtype of the UNet calls (the sampler's arithmetic stays "
+                          "fp32): bf16 pays on GPUs and on CPUs with AVX-512 BF16/AMX; on "
+                          "AVX2-only CPUs it is emulated and slower")
+    compile: bool = _opt(False, doc="torch.compile the UNet for sampling; on CUDA as CUDA graphs "
+                         "(mode reduce-overhead), one graph per batch shape")
     guidance: float = _opt(1.0, low=0.0, high=100.0, doc="classifier-free guidance weight w: "
                            "0 = unconditional, 1 = conditional, > 1 = guided (guidance.py)")
     class_label: str = _opt("random", doc="conditional models: a class index or name, 'all' "

@@ -26,7 +26,7 @@ from .checkpoint import LoadedCheckpoint
 from .data import load_image
 from .device import make_generator
 from .errors import PixelDiffusionError
-from .generate import alphas_cumprod_of
+from .generate import alphas_cumprod_of, sampling_network
 from .images import atomic_save, make_grid, to_pil, to_uint8
 from .samplers import Callback, Denoiser, make_denoiser, sample
 from .schedule import sampling_timesteps
@@ -164,12 +164,15 @@ def inpaint(loaded: LoadedCheckpoint, image: str | Path, mask: str | Path, *, n_
     generator = make_generator(device, seed)
     x_T = torch.randn((n_samples, channels, size, size), generator=generator, device=device)
     clip = cfg.sample.clip_x0 if clip_x0 is None else clip_x0
-    denoise = make_denoiser(loaded.model, alphas_cumprod, prediction=cfg.diffusion.prediction,
+    net = sampling_network(loaded.model, device, precision=cfg.sample.precision,
+                           compile=cfg.sample.compile)
+    denoise = make_denoiser(net, alphas_cumprod, prediction=cfg.diffusion.prediction,
                             clip_x0=clip)
     timesteps = sampling_timesteps(T, steps, cfg.sample.spacing, alphas_cumprod)
-    images = repaint(denoise, x_T, timesteps, alphas_cumprod, x0_known=x0_known, known=known,
-                     jump_length=jump_length, jump_n_sample=jump_n_sample,
-                     var_type=var_type or cfg.sample.var_type, generator=generator)
+    with torch.inference_mode():
+        images = repaint(denoise, x_T, timesteps, alphas_cumprod, x0_known=x0_known, known=known,
+                         jump_length=jump_length, jump_n_sample=jump_n_sample,
+                         var_type=var_type or cfg.sample.var_type, generator=generator)
     masked = torch.where(known > 0.5, x0_known, torch.zeros_like(x0_known))
     return Inpainted(images.float().cpu(), masked.float().cpu(), known.float().cpu())
 
@@ -180,7 +183,7 @@ def save_inpainted(result: Inpainted, path: str | Path, *, nrow: int) -> Path:
     return atomic_save(to_pil(make_grid(pictures, nrow)), path)
 
 
-@torch.no_grad()
+@torch.inference_mode()
 def interpolate(loaded: LoadedCheckpoint, *, n_frames: int, seeds: tuple[int, int],
                 steps: int, device: torch.device, sampler: str = "ddim",
                 options: dict[str, Any] | None = None) -> Tensor:
@@ -197,7 +200,9 @@ def interpolate(loaded: LoadedCheckpoint, *, n_frames: int, seeds: tuple[int, in
     ends = [torch.randn(shape, generator=torch.Generator().manual_seed(s)) for s in seeds]
     x_T = slerp(ends[0], ends[1], torch.linspace(0, 1, n_frames)).to(device)
     generator = make_generator(device, seeds[0])
-    x0 = sample(loaded.model, x_T, alphas_cumprod_of(cfg), sampler=sampler, steps=steps,
+    net = sampling_network(loaded.model, device, precision=cfg.sample.precision,
+                           compile=cfg.sample.compile)
+    x0 = sample(net, x_T, alphas_cumprod_of(cfg), sampler=sampler, steps=steps,
                 spacing=cfg.sample.spacing, prediction=cfg.diffusion.prediction,
                 clip_x0=cfg.sample.clip_x0, generator=generator, **(options or {}))
     return x0.float().cpu()

@@ -27,6 +27,7 @@ from .samplers import calibrated_timesteps, make_denoiser, sample
 from .schedule import alphas_cumprod_from_betas, make_betas, sampling_timesteps
 
 MODES = ("sample", "denoise", "progressive")
+AUTOCAST_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 def alphas_cumprod_of(cfg: Config) -> Tensor:
@@ -44,7 +45,39 @@ class Generated:
     timesteps: Tensor | None = None  # float64 [steps], the fitted "optimal" spacing, else None
 
 
-@torch.no_grad()
+def sampling_network(model: torch.nn.Module, device: torch.device, *, precision: str = "fp32",
+                     compile: bool = False) -> Callable[..., Tensor]:
+    """``model`` on the fast sampling path, called as the samplers call it: (x_t, t, ...) ->
+    float32 output of x_t's shape.
+
+    The weights are put in channels-last (in place; on CPU and CUDA), which runs the
+    convolutions ~1.3x faster on the 2-core CPU (README, Speed) when x_t is channels-last too, as
+    ``generate`` draws it. ``precision`` bf16 / fp16 runs each call under ``torch.autocast``
+    (the sampler's own arithmetic stays float32). ``compile`` wraps the model in
+    ``torch.compile``, on CUDA with mode "reduce-overhead": each batch shape is captured once as
+    a CUDA graph and replayed, so a small UNet is no longer bound by kernel launches. Graph
+    outputs live in buffers that the next replay overwrites, so they are cloned before a
+    multistep sampler keeps them.
+    """
+    if device.type in ("cpu", "cuda"):
+        model.to(memory_format=torch.channels_last)
+    net: Callable[..., Tensor] = model
+    cuda_graphs = compile and device.type == "cuda"
+    if compile:
+        # a fresh wrapper per call is cheap: dynamo caches the compiled graphs on the model
+        net = torch.compile(model, mode="reduce-overhead" if cuda_graphs else None, dynamic=False)
+    dtype = AUTOCAST_DTYPES.get(precision)
+    if dtype is None and not cuda_graphs:
+        return net
+
+    def call(x_t: Tensor, t: Tensor, *args: Any, **kwargs: Any) -> Tensor:
+        with torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
+            out = net(x_t, t, *args, **kwargs)
+        return out.clone() if cuda_graphs else out.float()
+    return call
+
+
+@torch.inference_mode()
 def generate(model: torch.nn.Module, cfg: Config, device: torch.device, *,
              mode: str = "sample", micro_batch: int | None = None,
              interval: int | None = None, guidance: float | None = None,
@@ -54,6 +87,9 @@ def generate(model: torch.nn.Module, cfg: Config, device: torch.device, *,
 
     mode "denoise" records x_t and "progressive" the predicted x0 every ``interval`` steps
     (default: about 10 frames), ending with the final image, through the sampler's callback.
+
+    The model runs on ``sampling_network``'s fast path (channels-last, ``cfg.sample.precision``,
+    ``cfg.sample.compile``) under ``torch.inference_mode``.
 
     Class-conditional models: ``class_label`` (an index, a name such as "cat", "all" for
     ``nrow`` images of each class in class order, or "random") and the classifier-free guidance
@@ -82,6 +118,8 @@ def generate(model: torch.nn.Module, cfg: Config, device: torch.device, *,
     except ValueError as err:
         raise PixelDiffusionError(str(err)) from None
     shape = (cfg.data.channels, cfg.data.image_size, cfg.data.image_size)
+    layout = torch.channels_last if device.type in ("cpu", "cuda") else torch.contiguous_format
+    fast = sampling_network(model, device, precision=s.precision, compile=s.compile)
     labels, w = sampling_labels(cfg, guidance, class_label)
     n_samples = s.n_samples if labels is None else len(labels)
     images, frames = [], []
@@ -97,12 +135,12 @@ def generate(model: torch.nn.Module, cfg: Config, device: torch.device, *,
     for start in range(0, n_samples, micro_batch):
         chunk.clear()
         x_T = torch.randn((min(micro_batch, n_samples - start), *shape),
-                          generator=generator, device=device)
-        net = model if labels is None else guided_model(
-            model, labels[start:start + len(x_T)], w, alphas_cumprod=alphas_cumprod,
-            interval=s.guidance_interval)
+                          generator=generator, device=device).contiguous(memory_format=layout)
+        net = fast if labels is None else guided_model(
+            fast, labels[start:start + len(x_T)], w, alphas_cumprod=alphas_cumprod,
+            interval=s.guidance_interval, null_class=cfg.model.num_classes)
         if optimal and timesteps is None:
-            timesteps = _fit_optimal(model, cfg, x_T, labels, w, alphas_cumprod)
+            timesteps = _fit_optimal(fast, cfg, x_T, labels, w, alphas_cumprod)
         x0 = sample(net, x_T, alphas_cumprod, sampler=s.sampler, steps=s.steps,
                     spacing=s.spacing if timesteps is None else timesteps,
                     prediction=cfg.diffusion.prediction,
@@ -115,7 +153,7 @@ def generate(model: torch.nn.Module, cfg: Config, device: torch.device, *,
     return Generated(torch.cat(images), torch.cat(frames) if frames else None, labels, timesteps)
 
 
-def _fit_optimal(model: torch.nn.Module, cfg: Config, x_T: Tensor, labels: Tensor | None,
+def _fit_optimal(model: Callable[..., Tensor], cfg: Config, x_T: Tensor, labels: Tensor | None,
                  w: float, alphas_cumprod: Tensor) -> Tensor:
     """The "optimal" timesteps of ``model`` as it samples here (same guidance and clipping),
     fitted on min(32, n_samples) calibration noise images drawn with seed + 1, so not the
@@ -124,7 +162,8 @@ def _fit_optimal(model: torch.nn.Module, cfg: Config, x_T: Tensor, labels: Tenso
     n = min(32, s.n_samples)
     net = model if labels is None else guided_model(
         model, labels[torch.arange(n, device=labels.device) % len(labels)], w,
-        alphas_cumprod=alphas_cumprod, interval=s.guidance_interval)
+        alphas_cumprod=alphas_cumprod, interval=s.guidance_interval,
+        null_class=cfg.model.num_classes)
     denoise = make_denoiser(net, alphas_cumprod, prediction=cfg.diffusion.prediction,
                             clip_x0=s.clip_x0, dynamic_threshold=s.dynamic_threshold)
     return calibrated_timesteps(denoise, x_T, alphas_cumprod, s.steps, sampler=s.sampler,
@@ -175,7 +214,7 @@ def sampler_options(s: SampleConfig) -> dict[str, Any]:
 def sample_config_from_args(base: SampleConfig, args: Any) -> SampleConfig:
     """The checkpoint's sample section with the CLI's explicit choices on top."""
     keys = ("sampler", "steps", "eta", "var_type", "spacing", "order", "variant",
-            "dynamic_threshold", "n_samples", "nrow", "seed", "clip_x0")
+            "dynamic_threshold", "n_samples", "nrow", "seed", "clip_x0", "precision", "compile")
     chosen = {k: getattr(args, k) for k in keys if getattr(args, k, None) is not None}
     return replace(base, **chosen)
 

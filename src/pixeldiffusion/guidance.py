@@ -53,13 +53,13 @@ def sigma_of(abar_t: float) -> float:
 
 
 def guided_model(model: Model, labels: Tensor, guidance: float = 1.0, *,
-                 alphas_cumprod: Tensor | None = None,
-                 interval: Sequence[float] = ()) -> Callable[[Tensor, Tensor], Tensor]:
+                 alphas_cumprod: Tensor | None = None, interval: Sequence[float] = (),
+                 null_class: int | None = None) -> Callable[[Tensor, Tensor], Tensor]:
     """``model(x_t, t, y)`` with fixed class ``labels`` and guidance weight w, as a plain
     ``model(x_t, t) -> output`` for any sampler.
 
-    model: a class-conditional network with a ``null_class`` attribute (the UNet), called as
-        ``model(x_t, t, y=labels)``; its output (eps, x0 or v) keeps the model's parameterisation.
+    model: a class-conditional network called as ``model(x_t, t, y=labels)`` (the UNet, or a
+        wrapper of it); its output (eps, x0 or v) keeps the model's parameterisation.
     labels: int64 [N] in [0, num_classes - 1], one per sample of the x_t the sampler passes.
     guidance: w in output = out_uncond + w (out_cond - out_uncond); w = 1 calls only the
         conditional model, w = 0 only the unconditional one (one forward pass of N either way);
@@ -68,8 +68,10 @@ def guided_model(model: Model, labels: Tensor, guidance: float = 1.0, *,
         and use the plain conditional model elsewhere (Kynkäänniemi et al. 2024, "Applying
         guidance in a limited interval", eq. 2); needs ``alphas_cumprod`` (float [T]) to turn
         timesteps into sigma. Empty: guide at every step.
+    null_class: the label meaning "no class" (num_classes); default ``model.null_class``.
     """
-    null_class = int(model.null_class)  # type: ignore[attr-defined]
+    if null_class is None:
+        null_class = int(model.null_class)  # type: ignore[attr-defined]
     if interval and alphas_cumprod is None:
         raise ValueError("a guidance interval needs alphas_cumprod to map timesteps to sigma")
     sigma_lo, sigma_hi = (float(interval[0]), float(interval[1])) if interval else (0.0, math.inf)

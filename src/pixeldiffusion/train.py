@@ -314,6 +314,8 @@ def _train_locked(cfg: Config, run_dir: Path, point: ResumePoint | None, acceler
     model.to(memory_format=torch.channels_last)
     ema.to(device, memory_format=torch.channels_last)
     model, optimizer = accelerator.prepare(model, optimizer)
+    # the compiled wrapper shares model's parameters; saving and the EMA use model itself
+    forward = torch.compile(model) if tc.compile else model
     alphas_cumprod = alphas_cumprod_of(cfg).float().to(device)
 
     writer = None
@@ -410,8 +412,8 @@ def _train_locked(cfg: Config, run_dir: Path, point: ResumePoint | None, acceler
                 model_kwargs["y"] = drop_labels(y.to(device, non_blocking=True), tc.p_uncond,
                                                 cfg.model.num_classes, generator)
             with accelerator.autocast():
-                loss = training_loss(model, x, alphas_cumprod, prediction=cfg.diffusion.prediction,
-                                     loss=cfg.diffusion.loss,
+                loss = training_loss(forward, x, alphas_cumprod,
+                                     prediction=cfg.diffusion.prediction, loss=cfg.diffusion.loss,
                                      min_snr_gamma=cfg.diffusion.min_snr_gamma,
                                      generator=generator, **model_kwargs)
             accelerator.backward(loss)
