@@ -19,8 +19,9 @@ same function (Ho et al. 2020, App. B) with the same number of weights.
   train_unconditional.py``'s (``DDPMScheduler.add_noise``, ``F.mse_loss``, ``torch.optim.AdamW``,
   ``EMAModel``), each as its users get it by default.
 * sampling = one model call (one NFE) on a batch of x_t with the EMA weights, so images/s per
-  NFE: ours under ``torch.inference_mode`` in channels-last, diffusers' under ``torch.no_grad``
-  as in its ``DDPMPipeline``.
+  NFE: ours through ``generate.sampling_network`` (what ``pixeldiffusion sample`` calls:
+  channels-last, ``torch.inference_mode``, autocast per call, CUDA graphs with ``--compile`` on
+  CUDA), diffusers' under ``torch.no_grad`` as in its ``DDPMPipeline``.
 
 Ours and diffusers' run alternately (ours, diffusers, ours, ...) in every repeat, so load from
 other processes hits both alike; each number is the median of ``--repeats`` after ``--warmup``
@@ -46,7 +47,7 @@ import torch.nn.functional as F
 from pixeldiffusion.config import Config, load_config
 from pixeldiffusion.device import resolve_device, use_fast_kernels
 from pixeldiffusion.diffusion import training_loss
-from pixeldiffusion.generate import alphas_cumprod_of
+from pixeldiffusion.generate import alphas_cumprod_of, sampling_network
 from pixeldiffusion.train import FUSED_ADAMW, ema_update
 from pixeldiffusion.unet import build_unet, count_parameters
 
@@ -125,11 +126,10 @@ def ours_steps(cfg: Config, batch: int, sample_batch: int, device: torch.device,
     optimizer = torch.optim.AdamW(model.parameters(), lr=tc.lr, weight_decay=tc.weight_decay,
                                   fused=device.type in FUSED_ADAMW)
     alphas_cumprod = alphas_cumprod_of(cfg).float().to(device)
-    forward, ema_forward = model, ema
-    if compile_model:
-        forward = torch.compile(model)
-        ema_forward = torch.compile(ema, mode="reduce-overhead" if device.type == "cuda"
-                                    else None)  # CUDA graphs for the sampling loop
+    forward = torch.compile(model) if compile_model else model  # as train.compile does
+    # what generate() samples through: channels-last, autocast, CUDA graphs when compiled on CUDA
+    ema_forward = sampling_network(ema, device, compile=compile_model,
+                                   precision="bf16" if dtype == torch.bfloat16 else "fp32")
     x0 = torch.randn(batch, c, s, s, device=device).contiguous(memory_format=torch.channels_last)
     x_t = torch.randn(sample_batch, c, s, s, device=device).contiguous(
         memory_format=torch.channels_last)
@@ -150,8 +150,7 @@ def ours_steps(cfg: Config, batch: int, sample_batch: int, device: torch.device,
 
     @torch.inference_mode()
     def sample_step() -> None:
-        with _autocast(device, dtype):
-            ema_forward(x_t, t)
+        ema_forward(x_t, t)
 
     return train_step, sample_step, count_parameters(model)
 
