@@ -228,18 +228,20 @@ def test_generate_samples_channels_last_under_inference_mode() -> None:
     torch.testing.assert_close(images, plain, rtol=1e-4, atol=1e-5)
 
 
-def test_bf16_sampling_within_tolerance() -> None:
-    """``sample.precision: bf16`` autocasts every model call and ends within bf16's precision of
-    the fp32 images (the sampler's own arithmetic stays fp32: the output dtype is float32)."""
+@pytest.mark.parametrize("precision", ["bf16", "fp16"])
+def test_half_precision_sampling_within_tolerance(precision: str) -> None:
+    """``sample.precision: bf16`` (or fp16) autocasts every model call and ends within that
+    dtype's precision of the fp32 images (the sampler's own arithmetic stays fp32: the output
+    dtype is float32)."""
     from pixeldiffusion.generate import generate
 
     spy = Spy(small_unet().eval())
-    images16 = generate(spy, sampling_config(precision="bf16"), torch.device("cpu")).images
+    images16 = generate(spy, sampling_config(precision=precision), torch.device("cpu")).images
     assert [autocast for *_, autocast in spy.calls] == [True] * 4
     images32 = generate(small_unet().eval(), sampling_config(), torch.device("cpu")).images
     assert images16.dtype == torch.float32
     error = (images16 - images32).abs().max()
-    assert 0 < error < 0.05, f"bf16 sampling is {error:.4f} away from fp32 (max abs, range [-1, 1])"
+    assert 0 < error < 0.05, f"{precision} sampling is {error:.4f} from fp32 (max abs, in [-1, 1])"
 
 
 def test_cuda_graph_outputs_are_copied_before_samplers_keep_them(monkeypatch) -> None:

@@ -73,7 +73,9 @@ def sampling_network(model: torch.nn.Module, device: torch.device, *, precision:
     def call(x_t: Tensor, t: Tensor, *args: Any, **kwargs: Any) -> Tensor:
         with torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
             out = net(x_t, t, *args, **kwargs)
-        return out.clone() if cuda_graphs else out.float()
+        if out.dtype != torch.float32:
+            return out.float()  # a new tensor, so also safe from the next graph replay
+        return out.clone() if cuda_graphs else out
     return call
 
 
