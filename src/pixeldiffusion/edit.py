@@ -56,7 +56,7 @@ def jump_schedule(steps: int, jump_length: int = 10, jump_n_sample: int = 10) ->
     return walk + [-1]
 
 
-@torch.no_grad()
+@torch.inference_mode()
 def repaint(denoise: Denoiser, x_T: Tensor, timesteps: Tensor, alphas_cumprod: Tensor, *,
             x0_known: Tensor, known: Tensor, jump_length: int = 10, jump_n_sample: int = 10,
             var_type: str = "fixed_small", generator: torch.Generator | None = None,
@@ -169,10 +169,9 @@ def inpaint(loaded: LoadedCheckpoint, image: str | Path, mask: str | Path, *, n_
     denoise = make_denoiser(net, alphas_cumprod, prediction=cfg.diffusion.prediction,
                             clip_x0=clip)
     timesteps = sampling_timesteps(T, steps, cfg.sample.spacing, alphas_cumprod)
-    with torch.inference_mode():
-        images = repaint(denoise, x_T, timesteps, alphas_cumprod, x0_known=x0_known, known=known,
-                         jump_length=jump_length, jump_n_sample=jump_n_sample,
-                         var_type=var_type or cfg.sample.var_type, generator=generator)
+    images = repaint(denoise, x_T, timesteps, alphas_cumprod, x0_known=x0_known, known=known,
+                     jump_length=jump_length, jump_n_sample=jump_n_sample,
+                     var_type=var_type or cfg.sample.var_type, generator=generator)
     masked = torch.where(known > 0.5, x0_known, torch.zeros_like(x0_known))
     return Inpainted(images.float().cpu(), masked.float().cpu(), known.float().cpu())
 

@@ -48,31 +48,32 @@ class Generated:
 def sampling_network(model: torch.nn.Module, device: torch.device, *, precision: str = "fp32",
                      compile: bool = False) -> Callable[..., Tensor]:
     """``model`` on the fast sampling path, called as the samplers call it: (x_t, t, ...) ->
-    float32 output of x_t's shape.
+    float32 output of x_t's shape. Every sampling command (``generate``, interpolation,
+    inpainting) goes through here, so this is the one place that sets the path up.
 
-    The weights are put in channels-last (in place; on CPU and CUDA), which runs the
-    convolutions ~1.3x faster on the 2-core CPU (README, Speed) when x_t is channels-last too, as
-    ``generate`` draws it. ``precision`` bf16 / fp16 runs each call under ``torch.autocast``
-    (the sampler's own arithmetic stays float32). ``compile`` wraps the model in
-    ``torch.compile``, on CUDA with mode "reduce-overhead": each batch shape is captured once as
-    a CUDA graph and replayed, so a small UNet is no longer bound by kernel launches. Graph
+    On CPU and CUDA the weights are put in channels-last (in place) and each x_t handed to the
+    model too (a no-op copy check when it already is), which runs the convolutions ~1.3x faster
+    on the 2-core CPU (README, Speed); on CUDA cuDNN also autotunes its algorithms
+    (``device.use_fast_kernels``). ``precision`` bf16 / fp16 runs each call under
+    ``torch.autocast`` (the sampler's own arithmetic stays float32). ``compile`` wraps the model
+    in ``torch.compile``, on CUDA with mode "reduce-overhead": each batch shape is captured once
+    as a CUDA graph and replayed, so a small UNet is no longer bound by kernel launches. Graph
     outputs live in buffers that the next replay overwrites, so they are cloned before a
     multistep sampler keeps them.
     """
-    if device.type in ("cpu", "cuda"):
-        model.to(memory_format=torch.channels_last)
+    use_fast_kernels(device)
+    layout = torch.channels_last if device.type in ("cpu", "cuda") else torch.contiguous_format
+    model.to(memory_format=layout)
     net: Callable[..., Tensor] = model
     cuda_graphs = compile and device.type == "cuda"
     if compile:
         # a fresh wrapper per call is cheap: dynamo caches the compiled graphs on the model
         net = torch.compile(model, mode="reduce-overhead" if cuda_graphs else None, dynamic=False)
     dtype = AUTOCAST_DTYPES.get(precision)
-    if dtype is None and not cuda_graphs:
-        return net
 
     def call(x_t: Tensor, t: Tensor, *args: Any, **kwargs: Any) -> Tensor:
         with torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
-            out = net(x_t, t, *args, **kwargs)
+            out = net(x_t.contiguous(memory_format=layout), t, *args, **kwargs)
         if out.dtype != torch.float32:
             return out.float()  # a new tensor, so also safe from the next graph replay
         return out.clone() if cuda_graphs else out
@@ -109,7 +110,6 @@ def generate(model: torch.nn.Module, cfg: Config, device: torch.device, *,
     interval = interval or max(1, s.steps // 10)
     alphas_cumprod = alphas_cumprod_of(cfg)
     generator = make_generator(device, s.seed)
-    use_fast_kernels(device)
     options = sampler_options(s)
     optimal = s.spacing == "optimal"  # fitted to this model below, once, before the first batch
     try:  # a bad spacing is the user's: one clear sentence, before any model call
@@ -120,7 +120,6 @@ def generate(model: torch.nn.Module, cfg: Config, device: torch.device, *,
     except ValueError as err:
         raise PixelDiffusionError(str(err)) from None
     shape = (cfg.data.channels, cfg.data.image_size, cfg.data.image_size)
-    layout = torch.channels_last if device.type in ("cpu", "cuda") else torch.contiguous_format
     fast = sampling_network(model, device, precision=s.precision, compile=s.compile)
     labels, w = sampling_labels(cfg, guidance, class_label)
     n_samples = s.n_samples if labels is None else len(labels)
@@ -137,7 +136,7 @@ def generate(model: torch.nn.Module, cfg: Config, device: torch.device, *,
     for start in range(0, n_samples, micro_batch):
         chunk.clear()
         x_T = torch.randn((min(micro_batch, n_samples - start), *shape),
-                          generator=generator, device=device).contiguous(memory_format=layout)
+                          generator=generator, device=device)
         net = fast if labels is None else guided_model(
             fast, labels[start:start + len(x_T)], w, alphas_cumprod=alphas_cumprod,
             interval=s.guidance_interval, null_class=cfg.model.num_classes)
