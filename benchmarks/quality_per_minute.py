@@ -5,6 +5,8 @@
     python benchmarks/quality_per_minute.py --minutes 1 --samples 100    # a smoke test
     python benchmarks/quality_per_minute.py --ours default= \
         --ours "wide=--model.channels 32 --train.lr_schedule cosine --train.steps 2400"
+    python benchmarks/quality_per_minute.py --ours "cond=-c configs/mnist_cond_cosine.yaml" \
+        --diffusers_minutes                                     # the floor-goal recipe alone
 
 Each recipe gets one CPU core and one thread (``--cores 2``, the default on a machine with two
 or more): the diffusers run on core 1 for the longest of ``--diffusers_minutes``, keeping its EMA
@@ -247,10 +249,13 @@ def main() -> None:
         checkpoint, steps = train_ours(args.ours_minutes, out / f"ours-{name}", overrides)
         trained = time.monotonic() - began
         images = sample_ours(checkpoint, args.samples)
-        sample_cfg = load_checkpoint(checkpoint, device="cpu").config.sample
+        config = load_checkpoint(checkpoint, device="cpu").config
+        sampling = f"{config.sample.sampler}-{config.sample.steps}"
+        if config.model.num_classes:  # say how the labels were drawn: it changes the task
+            sampling += f", class {config.sample.class_label}, w {config.sample.guidance:g}"
         grids.append(save_grid(images[:64], out / f"ours-{name}.png"))
         rows.append((f"pixeldiffusion {name} ({' '.join(overrides) or 'the defaults'}), "
-                     f"{sample_cfg.sampler}-{sample_cfg.steps}",
+                     f"{sampling}",
                      f"{trained / 60:.1f}", steps, digit_fid(images)))
     if background is not None:
         if background.wait() != 0:
