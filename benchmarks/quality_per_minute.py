@@ -255,7 +255,7 @@ def main() -> None:
             sampling += f", class {config.sample.class_label}, w {config.sample.guidance:g}"
         grids.append(save_grid(images[:64], out / f"ours-{name}.png"))
         rows.append((f"pixeldiffusion {name} ({' '.join(overrides) or 'the defaults'}), "
-                     f"{sampling}",
+                     + sampling,
                      f"{trained / 60:.1f}", steps, digit_fid(images)))
     if background is not None:
         if background.wait() != 0:
