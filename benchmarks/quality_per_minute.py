@@ -55,7 +55,7 @@ from PIL import Image
 
 from pixeldiffusion import evaluate
 from pixeldiffusion.checkpoint import load_checkpoint
-from pixeldiffusion.config import load_config
+from pixeldiffusion.config import Config, load_config
 from pixeldiffusion.digit_classifier import builtin_digits
 from pixeldiffusion.generate import generate
 from pixeldiffusion.images import save_grid
@@ -154,13 +154,14 @@ def sample_diffusers(weights: dict, n: int, batch: int = 250, seed: int = 0) -> 
     return torch.cat(images)
 
 
-def sample_ours(checkpoint: Path, n: int, seed: int = 0) -> torch.Tensor:
-    """The checkpoint's own sampler config from the EMA weights: [n, 1, 32, 32] in [-1, 1]."""
+def sample_ours(checkpoint: Path, n: int, seed: int = 0) -> tuple[torch.Tensor, Config]:
+    """The checkpoint's own sampler config from the EMA weights: ([n, 1, 32, 32] in [-1, 1],
+    the checkpoint's config)."""
     from dataclasses import replace
 
     loaded = load_checkpoint(checkpoint, device="cpu")
     cfg = replace(loaded.config, sample=replace(loaded.config.sample, n_samples=n, seed=seed))
-    return generate(loaded.model, cfg, torch.device("cpu"), micro_batch=250).images
+    return generate(loaded.model, cfg, torch.device("cpu"), micro_batch=250).images, loaded.config
 
 
 def diffusers_worker(args: argparse.Namespace) -> None:
@@ -248,8 +249,7 @@ def main() -> None:
         began = time.monotonic()
         checkpoint, steps = train_ours(args.ours_minutes, out / f"ours-{name}", overrides)
         trained = time.monotonic() - began
-        images = sample_ours(checkpoint, args.samples)
-        config = load_checkpoint(checkpoint, device="cpu").config
+        images, config = sample_ours(checkpoint, args.samples)
         sampling = f"{config.sample.sampler}-{config.sample.steps}"
         if config.model.num_classes:  # say how the labels were drawn: it changes the task
             sampling += f", class {config.sample.class_label}, w {config.sample.guidance:g}"

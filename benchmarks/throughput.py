@@ -47,7 +47,7 @@ import torch.nn.functional as F
 from pixeldiffusion.config import Config, load_config
 from pixeldiffusion.device import resolve_device, use_fast_kernels
 from pixeldiffusion.diffusion import training_loss
-from pixeldiffusion.generate import alphas_cumprod_of, sampling_network
+from pixeldiffusion.generate import AUTOCAST_DTYPES, alphas_cumprod_of, sampling_network
 from pixeldiffusion.train import FUSED_ADAMW, ema_update
 from pixeldiffusion.unet import build_unet, count_parameters
 
@@ -128,8 +128,8 @@ def ours_steps(cfg: Config, batch: int, sample_batch: int, device: torch.device,
     alphas_cumprod = alphas_cumprod_of(cfg).float().to(device)
     forward = torch.compile(model) if compile_model else model  # as train.compile does
     # what generate() samples through: channels-last, autocast, CUDA graphs when compiled on CUDA
-    ema_forward = sampling_network(ema, device, compile=compile_model,
-                                   precision="bf16" if dtype == torch.bfloat16 else "fp32")
+    precision = next((name for name, d in AUTOCAST_DTYPES.items() if d == dtype), "fp32")
+    ema_forward = sampling_network(ema, device, compile=compile_model, precision=precision)
     x0 = torch.randn(batch, c, s, s, device=device).contiguous(memory_format=torch.channels_last)
     x_t = torch.randn(sample_batch, c, s, s, device=device).contiguous(
         memory_format=torch.channels_last)
