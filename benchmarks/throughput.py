@@ -47,7 +47,8 @@ import torch.nn.functional as F
 from pixeldiffusion.config import Config, load_config
 from pixeldiffusion.device import resolve_device, use_fast_kernels
 from pixeldiffusion.diffusion import training_loss
-from pixeldiffusion.generate import AUTOCAST_DTYPES, alphas_cumprod_of, sampling_network
+from pixeldiffusion.generate import AUTOCAST_DTYPES, sampling_network
+from pixeldiffusion.schedule import alphas_cumprod_of
 from pixeldiffusion.train import FUSED_ADAMW, ema_update
 from pixeldiffusion.unet import build_unet, count_parameters
 

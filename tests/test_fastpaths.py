@@ -215,7 +215,8 @@ def test_generate_samples_channels_last_under_inference_mode() -> None:
     speed table measures: channels-last x_t and weights, inference mode, no autocast at fp32; and
     it draws the images the plain contiguous sampler draws from the same noise."""
     from pixeldiffusion.device import make_generator
-    from pixeldiffusion.generate import alphas_cumprod_of, generate
+    from pixeldiffusion.generate import generate
+    from pixeldiffusion.schedule import alphas_cumprod_of
 
     cfg = sampling_config()
     spy = Spy(small_unet().eval())

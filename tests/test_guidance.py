@@ -13,7 +13,8 @@ from pixeldiffusion.cli import main
 from pixeldiffusion.config import load_config
 from pixeldiffusion.diffusion import x0_eps_from_output
 from pixeldiffusion.errors import ConfigError, PixelDiffusionError
-from pixeldiffusion.generate import alphas_cumprod_of, generate
+from pixeldiffusion.generate import generate
+from pixeldiffusion.schedule import alphas_cumprod_of
 from pixeldiffusion.guidance import (
     class_labels,
     drop_labels,

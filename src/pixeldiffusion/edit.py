@@ -26,10 +26,10 @@ from .checkpoint import LoadedCheckpoint
 from .data import load_image
 from .device import make_generator
 from .errors import PixelDiffusionError
-from .generate import alphas_cumprod_of, sampling_network
+from .generate import sampling_network
 from .images import atomic_save, make_grid, to_pil, to_uint8
 from .samplers import Callback, Denoiser, make_denoiser, sample
-from .schedule import sampling_timesteps
+from .schedule import alphas_cumprod_of, sampling_timesteps
 
 
 def jump_schedule(steps: int, jump_length: int = 10, jump_n_sample: int = 10) -> list[int]:

@@ -623,7 +623,7 @@ def run_sweep(loaded: Any, points: list[dict[str, str]], reference: Reference,
               grid_dir: Path | None = None) -> list[Row]:
     """Sample and score every sweep point of a checkpoint, with one progress bar (in model calls)
     over the whole sweep."""
-    from .generate import alphas_cumprod_of
+    from .schedule import alphas_cumprod_of
     from .images import save_grid
     from .samplers import SAMPLERS
 

@@ -24,17 +24,10 @@ from .guidance import guided_model, sampling_labels
 from .images import atomic_save, make_grid, save_gif, to_pil, to_uint8
 from .optimal_steps import check_steps as check_optimal_steps
 from .samplers import calibrated_timesteps, make_denoiser, sample
-from .schedule import alphas_cumprod_from_betas, make_betas, sampling_timesteps
+from .schedule import alphas_cumprod_of, sampling_timesteps
 
 MODES = ("sample", "denoise", "progressive")
 AUTOCAST_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
-
-
-def alphas_cumprod_of(cfg: Config) -> Tensor:
-    """The training schedule abar_t of a config: float64 [T] on the CPU."""
-    d = cfg.diffusion
-    return alphas_cumprod_from_betas(make_betas(d.beta_schedule, d.timesteps, d.beta_start,
-                                                d.beta_end))
 
 
 @dataclass

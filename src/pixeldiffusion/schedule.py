@@ -10,10 +10,14 @@ from __future__ import annotations
 import difflib
 import math
 from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
 from torch import Tensor
+
+if TYPE_CHECKING:
+    from .config import Config
 
 
 def linear_betas(T: int, beta_start: float = 1e-4, beta_end: float = 0.02) -> Tensor:
@@ -59,6 +63,13 @@ def make_betas(name: str, T: int, beta_start: float = 1e-4, beta_end: float = 0.
 def alphas_cumprod_from_betas(betas: Tensor) -> Tensor:
     """abar_t = prod_{s<=t} (1 - beta_s) (DDPM eq. 4), float64, shape [T]."""
     return torch.cumprod(1 - betas.double(), dim=0)
+
+
+def alphas_cumprod_of(cfg: Config) -> Tensor:
+    """The training schedule abar_t of a config: float64 [T] on the CPU."""
+    d = cfg.diffusion
+    return alphas_cumprod_from_betas(make_betas(d.beta_schedule, d.timesteps, d.beta_start,
+                                                d.beta_end))
 
 
 def sigmas_of(alphas_cumprod: Tensor) -> Tensor:

@@ -36,9 +36,10 @@ from .data import load_dataset, make_loader, random_hflip
 from .device import make_generator, resolve_device, use_fast_kernels
 from .diffusion import training_loss
 from .errors import CheckpointError, ConfigError, PixelDiffusionError
-from .generate import alphas_cumprod_of, generate
+from .generate import generate
 from .guidance import drop_labels
 from .images import save_grid
+from .schedule import alphas_cumprod_of
 from .unet import build_unet, count_parameters
 
 # devices with a fused AdamW kernel; it skips a NaN/Inf step on the device (see NonFiniteSteps)
