@@ -15,9 +15,9 @@ import torch
 from PIL import Image, ImageDraw
 
 from pixeldiffusion.checkpoint import load_checkpoint
-from pixeldiffusion.schedule import alphas_cumprod_of
 from pixeldiffusion.images import atomic_save, make_grid, to_uint8
 from pixeldiffusion.samplers import SAMPLERS, default_spacing, nfe_of, sample
+from pixeldiffusion.schedule import alphas_cumprod_of
 
 
 def main() -> None:

@@ -14,8 +14,8 @@ from pixeldiffusion.cli import main  # noqa: E402
 from pixeldiffusion.config import load_config  # noqa: E402
 from pixeldiffusion.convert import from_diffusers, to_diffusers  # noqa: E402
 from pixeldiffusion.errors import CheckpointError  # noqa: E402
-from pixeldiffusion.schedule import alphas_cumprod_of  # noqa: E402
 from pixeldiffusion.samplers import SAMPLERS, make_denoiser, sample  # noqa: E402
+from pixeldiffusion.schedule import alphas_cumprod_of  # noqa: E402
 from pixeldiffusion.unet import build_unet  # noqa: E402
 
 # The layout of google/ddpm-cifar10-32 (the DDPM release: TF "SAME" downsampling, [sin, cos]

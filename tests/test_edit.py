@@ -13,9 +13,13 @@ from pixeldiffusion.checkpoint import load_checkpoint, save_checkpoint
 from pixeldiffusion.cli import main
 from pixeldiffusion.config import load_config
 from pixeldiffusion.edit import inpaint, interpolate, jump_schedule, repaint, slerp
-from pixeldiffusion.schedule import alphas_cumprod_of
 from pixeldiffusion.samplers import sample
-from pixeldiffusion.schedule import alphas_cumprod_from_betas, linear_betas, sampling_timesteps
+from pixeldiffusion.schedule import (
+    alphas_cumprod_from_betas,
+    alphas_cumprod_of,
+    linear_betas,
+    sampling_timesteps,
+)
 from pixeldiffusion.unet import build_unet
 
 

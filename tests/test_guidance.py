@@ -14,7 +14,6 @@ from pixeldiffusion.config import load_config
 from pixeldiffusion.diffusion import x0_eps_from_output
 from pixeldiffusion.errors import ConfigError, PixelDiffusionError
 from pixeldiffusion.generate import generate
-from pixeldiffusion.schedule import alphas_cumprod_of
 from pixeldiffusion.guidance import (
     class_labels,
     drop_labels,
@@ -24,7 +23,7 @@ from pixeldiffusion.guidance import (
     sigma_of,
 )
 from pixeldiffusion.samplers import SAMPLERS, sample
-from pixeldiffusion.schedule import alphas_cumprod_from_betas, make_betas
+from pixeldiffusion.schedule import alphas_cumprod_from_betas, alphas_cumprod_of, make_betas
 
 
 class ToyConditional(torch.nn.Module):

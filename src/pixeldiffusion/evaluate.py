@@ -623,9 +623,9 @@ def run_sweep(loaded: Any, points: list[dict[str, str]], reference: Reference,
               grid_dir: Path | None = None) -> list[Row]:
     """Sample and score every sweep point of a checkpoint, with one progress bar (in model calls)
     over the whole sweep."""
-    from .schedule import alphas_cumprod_of
     from .images import save_grid
     from .samplers import SAMPLERS
+    from .schedule import alphas_cumprod_of
 
     base = loaded.config
     alphas_cumprod = alphas_cumprod_of(base)
