@@ -188,7 +188,8 @@ class UNet(nn.Module):
         num_classes: 0 for an unconditional model, else the number of class labels; label
             ``num_classes`` (``null_class``) means "no label" for classifier-free guidance.
         out_channels: output channels, ``in_channels`` by default.
-        flip_sin_to_cos, freq_shift: the timestep embedding's layout (``timestep_embedding``).
+        flip_sin_to_cos: ``cos`` before ``sin`` in the timestep embedding (``timestep_embedding``).
+        freq_shift: the timestep embedding's frequency shift (``timestep_embedding``).
         norm_eps: epsilon of every GroupNorm.
         downsample_padding: 1 (pad all sides) or 0 (right/bottom only, TF "SAME"); ``Downsample``.
     """
