@@ -112,11 +112,11 @@ def ect_r(t: Tensor, step: int, *, q: float = 2.0, d: int = 25_000, k: float = 8
 
         r = t (1 - n(t) / q^a),   n(t) = 1 + k sigmoid(-b t),   a = floor(step / d) + 1,
 
-    then r = max(r, sigma_min), the boundary, where the target is the data itself. So
-    Delta t = t - r shrinks by q every d steps: at first most pairs reach the boundary (the loss is
-    then a denoising loss, the teacher's own task) and r -> t as training goes on. a counts from 1
-    as in ECT's code (``update_schedule(stage)`` uses q^(stage + 1)); the paper writes
-    a = ceil(step / d), the same except at multiples of d.
+    then r = max(r, sigma_min), the boundary, where the target is x_r itself (the data up to
+    sigma_min eps). So Delta t = t - r shrinks by q every d steps: at first most pairs reach the
+    boundary (the loss is then a denoising loss, the teacher's own task) and r -> t as training
+    goes on. a counts from 1 as in ECT's code (``update_schedule(stage)`` takes q^(stage + 1)
+    with stage = floor(iters / d)), so even step 0 asks for some consistency at large t.
 
     t: [N] noise levels > sigma_min. Returns r [N] with sigma_min <= r < t, t's dtype.
     """
