@@ -32,7 +32,7 @@ from .errors import ConfigError
 
 SIGMA_MIN = 0.002  # Song et al. 2023's epsilon, EDM's sigma_min
 SIGMA_MAX = 80.0  # Song et al. 2023 / EDM / ECT's t_max
-SIGMA_DATA = 0.5  # EDM, Sec. 5: the std of images in [-1, 1]
+SIGMA_DATA = 0.5  # EDM's sigma_data: about the std of images in [-1, 1]
 ECT_MID_SIGMA = 0.821  # ECT's 2-step intermediate sigma for CIFAR-10 (ct_train.py --mid_t)
 KARRAS_RHO = 7.0  # EDM eq. 5
 
@@ -92,7 +92,7 @@ class ConsistencyFunction:
             c.reshape(-1, 1, 1, 1) for c in consistency_scalings(sigma, self.sigma_min,
                                                                   self.sigma_data))
         F_x = self.net(c_in * x, c_noise.flatten(), y=y).to(x.dtype)
-        return c_skip * x + c_out * F_x  # Song et al. 2023, eq. 5
+        return c_skip * x + c_out * F_x  # Song et al. 2023: f = c_skip x + c_out F
 
 
 # --- Easy Consistency Tuning (Geng et al. 2024) -------------------------------------------------
