@@ -96,7 +96,7 @@ class Limits:
     max_body: int = 4096
     max_streams_per_job: int = 4
     max_streams: int = 32
-    unwatched_s: float = 10.0
+    unwatched_s: float = 30.0
 
 
 @dataclass(frozen=True)
