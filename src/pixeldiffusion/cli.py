@@ -167,7 +167,11 @@ def _add_serve(commands: argparse._SubParsersAction) -> None:
                        help="checkpoints to offer (file, checkpoint or run directory); "
                             "default: every run under runs/")
     serve.add_argument("--host", default="127.0.0.1",
-                       help="address to bind (default 127.0.0.1, this machine only)")
+                       help="address to bind (default 127.0.0.1, this machine only); any other "
+                            "address requires the random token the server prints at start")
+    serve.add_argument("--allow_host", action="append", default=[], metavar="NAME",
+                       help="also answer requests addressed to this host name (the Host "
+                            "header), e.g. the machine's DNS name; repeatable")
     serve.add_argument("--port", type=_positive, default=7860, help="port (default 7860)")
     serve.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N | mps")
     serve.add_argument("--load_ema", type=_bool, default=True, help="EMA weights (default true)")
@@ -186,7 +190,7 @@ def _serve(args: argparse.Namespace, overrides: list[str]) -> int:
 
     limits = Limits(max_steps=args.max_steps, max_batch=args.max_batch, max_queue=args.max_queue)
     serve(args.checkpoint, host=args.host, port=args.port, device=resolve_device(args.device),
-          limits=limits, use_ema=args.load_ema)
+          limits=limits, use_ema=args.load_ema, allow_hosts=args.allow_host)
     return 0
 
 

@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
+import os
 import types
 import typing
 from collections.abc import Sequence
@@ -52,9 +54,11 @@ class DataConfig:
 @dataclass
 class ModelConfig:
     channels: int = _opt(16, low=8, high=1024, doc="base channel count (ch in DDPM)")
-    channel_mult: tuple[int, ...] = _opt((1, 2, 4), doc="channel multiplier per resolution level")
+    channel_mult: tuple[int, ...] = _opt((1, 2, 4), low=1, high=16,
+                                         doc="channel multiplier per resolution level")
     num_res_blocks: int = _opt(1, low=1, high=8)
-    attn_resolutions: tuple[int, ...] = _opt((8,), doc="resolutions with self-attention")
+    attn_resolutions: tuple[int, ...] = _opt((8,), low=1, high=1024,
+                                             doc="resolutions with self-attention")
     dropout: float = _opt(0.0, low=0.0, high=0.9)
     num_heads: int = _opt(1, low=1, high=64)
     norm_groups: int = _opt(8, low=1, high=256, doc="GroupNorm groups; must divide channels")
@@ -267,30 +271,143 @@ def _set(cfg: Config, key: str, value: Any) -> None:
     setattr(getattr(cfg, section_name), name, converted)
 
 
-def _check_consistency(cfg: Config) -> None:
-    """Rules that tie several keys together."""
-    m, d = cfg.model, cfg.data
-    if not m.channel_mult:
-        raise ConfigError("config key 'model.channel_mult' must list at least one level, "
-                          "e.g. 1,2,2")
+# --------------------------------------------------------------------------- the architecture
+
+MAX_PARAMS_ENV = "PIXELDIFFUSION_MAX_PARAMS"
+MAX_ACTIVATION_ENV = "PIXELDIFFUSION_MAX_ACTIVATION_GB"
+DEFAULT_MAX_PARAMS = 1_000_000_000   # 4 GB of float32 weights; ADM's largest UNet has 559M
+DEFAULT_MAX_ACTIVATION_GB = 8.0      # float32 activations of one image (ArchitectureSize)
+MAX_LEVELS = 8                       # resolution levels, len(model.channel_mult)
+
+
+@dataclass(frozen=True)
+class ArchitectureSize:
+    """What the UNet of a model config costs: ``params`` weights, and ``activation_bytes``, the
+    estimated float32 activation memory of one image in inference: the skip connections the up
+    path waits for plus the largest block's working set (its input, three intermediates and
+    the attention scores heads x (H*W)^2)."""
+    params: int
+    activation_bytes: int
+
+
+def architecture_size(m: ModelConfig, *, image_size: int, in_channels: int,
+                      out_channels: int | None = None) -> ArchitectureSize:
+    """Count the parameters and estimate the activations of ``unet.UNet`` for ``m`` without
+    building it: the layers of ``UNet.__init__`` in the same order (a test keeps them equal)."""
+    ch, temb_ch = m.channels, 4 * m.channels
+
+    def conv(c_in: int, c_out: int, k: int = 3) -> int:
+        return c_in * c_out * k * k + c_out
+
+    def res_block(c_in: int, c_out: int) -> int:  # norm1, conv1, temb_proj, norm2, conv2, skip
+        skip = conv(c_in, c_out, 1) if c_in != c_out else 0
+        return 2 * c_in + conv(c_in, c_out) + conv(temb_ch, c_out, 1) + 2 * c_out \
+            + conv(c_out, c_out) + skip
+
+    def attn_block(c: int) -> int:                # norm, qkv, proj_out
+        return 2 * c + conv(c, 3 * c, 1) + conv(c, c, 1)
+
+    def level_blocks(c_in: int, c_out: int, res: int) -> int:
+        return res_block(c_in, c_out) + (attn_block(c_out) if res in m.attn_resolutions else 0)
+
+    def working_set(c_in: int, c_out: int, res: int) -> int:
+        scores = m.num_heads * res**4 if res in m.attn_resolutions else 0
+        return (c_in + 3 * c_out) * res**2 + scores
+
+    params = conv(ch, temb_ch, 1) + conv(temb_ch, temb_ch, 1) + conv(in_channels, ch)
+    params += (m.num_classes + 1) * temb_ch if m.num_classes > 0 else 0
+    skips, c, res, work = [ch], ch, image_size, 0
+    skip_elements = ch * res**2
+    for level, mult in enumerate(m.channel_mult):
+        for _ in range(m.num_res_blocks):
+            params += level_blocks(c, ch * mult, res)
+            work = max(work, working_set(c, ch * mult, res))
+            c = ch * mult
+            skips.append(c)
+            skip_elements += c * res**2
+        if level != len(m.channel_mult) - 1:
+            params += conv(c, c)
+            res //= 2
+            skips.append(c)
+            skip_elements += c * res**2
+    params += 2 * res_block(c, c) + attn_block(c)  # the middle always attends
+    work = max(work, 4 * c * res**2 + m.num_heads * res**4)
+    for level, mult in reversed(list(enumerate(m.channel_mult))):
+        for block in range(m.num_res_blocks + 1):
+            c_in = c + skips.pop()
+            params += level_blocks(c_in, ch * mult, res)
+            work = max(work, working_set(c_in, ch * mult, res))
+            c = ch * mult
+            if level != 0 and block == m.num_res_blocks:
+                params += conv(c, c)
+                res *= 2
+    params += 2 * c + conv(c, out_channels or in_channels)
+    return ArchitectureSize(params, 4 * (skip_elements + work))
+
+
+def _limit_from_env(name: str, default: float) -> float:
+    text = os.environ.get(name, "").strip()
+    if not text:
+        return default
+    try:
+        value = float(text)
+    except ValueError:
+        raise ConfigError(f"environment variable {name}={text!r} must be a number") from None
+    return value
+
+
+def check_architecture(m: ModelConfig, *, image_size: int, in_channels: int,
+                       out_channels: int | None = None) -> None:
+    """The one check of a UNet architecture (``UNet`` calls it too): every ``model`` key in its
+    range, the levels fit ``image_size``, the groups and heads divide every level's width, and
+    the model is at most PIXELDIFFUSION_MAX_PARAMS parameters and PIXELDIFFUSION_MAX_ACTIVATION_GB
+    of activations per image (``architecture_size``). Raises a ConfigError (a ValueError) that
+    names the key, or the variable that allows a larger model."""
+    for f in dataclasses.fields(ModelConfig):
+        _check_range(f"model.{f.name}", getattr(m, f.name), f.metadata)
+    if not 1 <= len(m.channel_mult) <= MAX_LEVELS:
+        raise ConfigError(f"config key 'model.channel_mult' must list 1 to {MAX_LEVELS} levels, "
+                          f"e.g. 1,2,2; got {list(m.channel_mult)}")
     down = 2 ** (len(m.channel_mult) - 1)
-    if d.image_size % down:
-        raise ConfigError(f"config key 'data.image_size' ({d.image_size}) must be divisible by "
+    if image_size % down:
+        raise ConfigError(f"config key 'data.image_size' ({image_size}) must be divisible by "
                           f"{down}, the downsampling of model.channel_mult {list(m.channel_mult)}")
-    levels = [d.image_size // 2**i for i in range(len(m.channel_mult))]
+    levels = [image_size // 2**i for i in range(len(m.channel_mult))]
     for res in m.attn_resolutions:
         if res not in levels:
             raise ConfigError(f"config key 'model.attn_resolutions' has {res}, which is not one of "
                               f"the model's resolutions {levels}")
-    for mult in m.channel_mult:
-        if mult < 1 or (m.channels * mult) % m.norm_groups:
-            raise ConfigError(f"config key 'model.norm_groups' ({m.norm_groups}) must divide every "
-                              f"level's channels model.channels x channel_mult "
-                              f"({[m.channels * k for k in m.channel_mult]})")
-    for mult in m.channel_mult:
-        if (m.channels * mult) % m.num_heads:
-            raise ConfigError(f"config key 'model.num_heads' ({m.num_heads}) must divide every "
-                              f"level's channel count")
+    widths = [m.channels * mult for mult in m.channel_mult]
+    if any(width % m.norm_groups for width in widths):
+        raise ConfigError(f"config key 'model.norm_groups' ({m.norm_groups}) must divide every "
+                          f"level's channels model.channels x channel_mult ({widths})")
+    if any(width % m.num_heads for width in widths):
+        raise ConfigError(f"config key 'model.num_heads' ({m.num_heads}) must divide every "
+                          f"level's channels model.channels x channel_mult ({widths})")
+    _check_size(architecture_size(m, image_size=image_size, in_channels=in_channels,
+                                  out_channels=out_channels))
+
+
+def _check_size(size: ArchitectureSize) -> None:
+    max_params = _limit_from_env(MAX_PARAMS_ENV, DEFAULT_MAX_PARAMS)
+    max_gb = _limit_from_env(MAX_ACTIVATION_ENV, DEFAULT_MAX_ACTIVATION_GB)
+    if size.params > max_params:
+        raise ConfigError(f"this model config has {size.params:,} parameters "
+                          f"({size.params * 4 / 1e9:.1f} GB), over the limit of "
+                          f"{max_params:,.0f}; lower model.channels, channel_mult or "
+                          f"num_res_blocks, or set {MAX_PARAMS_ENV}={size.params} to allow it")
+    gb = size.activation_bytes / 1e9
+    if gb > max_gb:
+        raise ConfigError(f"this model config needs about {gb:.1f} GB of activations per image, "
+                          f"over the limit of {max_gb:g} GB; lower model.channels or move "
+                          f"model.attn_resolutions to smaller resolutions, or set "
+                          f"{MAX_ACTIVATION_ENV}={math.ceil(gb)} to allow it")
+
+
+def _check_consistency(cfg: Config) -> None:
+    """Rules that tie several keys together."""
+    m, d = cfg.model, cfg.data
+    check_architecture(m, image_size=d.image_size, in_channels=d.channels)
     if cfg.diffusion.beta_schedule in ("linear", "sigmoid") and \
             cfg.diffusion.beta_start >= cfg.diffusion.beta_end:
         raise ConfigError("config key 'diffusion.beta_start' must be smaller than "
