@@ -11,6 +11,7 @@ from pixeldiffusion.samplers import (
     SAMPLERS,
     ddim,
     ddpm,
+    ddpm_posterior,
     default_spacing,
     is_stochastic,
     make_denoiser,
@@ -388,3 +389,22 @@ def test_is_stochastic_says_whether_two_runs_from_one_noise_differ(sampler, opti
     a, b = (sample(model, x_T, ABAR, sampler=sampler, steps=8, clip_x0=False,
                    generator=torch.Generator().manual_seed(seed), **options) for seed in (1, 2))
     assert is_stochastic(sampler, options) == (not torch.equal(a, b))
+
+
+@pytest.mark.parametrize("t, t_prev", [(500, 499), (900, 300), (10, 0)])
+def test_ddpm_posterior_is_bayes_rule_for_the_two_gaussians(t, t_prev):
+    """q(x_prev | x_t, x0) ∝ N(x_prev; sqrt(abar_prev) x0, 1 - abar_prev) N(x_t; a x_prev, b^2),
+    a^2 = abar_t / abar_prev, b^2 = 1 - a^2 (DDPM eq. 6-7, also for skipped steps)."""
+    abar_t, abar_prev = float(ABAR[t]), float(ABAR[t_prev])
+    x0, x_t = torch.tensor([0.3, -0.8], dtype=torch.float64), torch.tensor([1.2, 0.1],
+                                                                           dtype=torch.float64)
+    a2 = abar_t / abar_prev
+    precision = 1 / (1 - abar_prev) + a2 / (1 - a2)
+    mean = (abar_prev**0.5 * x0 / (1 - abar_prev) + a2**0.5 * x_t / (1 - a2)) / precision
+    got_mean, got_var = ddpm_posterior(x0, x_t, abar_t, abar_prev, "fixed_small")
+    torch.testing.assert_close(got_mean, mean, rtol=1e-10, atol=1e-12)
+    assert got_var == pytest.approx(1 / precision, rel=1e-10)
+    assert ddpm_posterior(x0, x_t, abar_t, abar_prev, "fixed_large")[1] == pytest.approx(1 - a2)
+    data_mean, data_var = ddpm_posterior(x0, x_t, abar_t, 1.0)
+    torch.testing.assert_close(data_mean, x0)
+    assert data_var == 0
