@@ -302,6 +302,7 @@ def test_nan_patience_stops_the_run_naming_the_cause_and_the_last_good_checkpoin
     interval (step 8) through the real CLI, and every checkpoint on disk is finite."""
     run = tmp_path / "run"
     fault = """
+        import importlib
         train_module = importlib.import_module("pixeldiffusion.train")
         real_loss, calls = train_module.training_loss, []
         def nan_from_step_5(*args, **kwargs):

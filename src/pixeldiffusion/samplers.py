@@ -466,12 +466,17 @@ def check_sampler(name: str) -> None:
                          f"{', '.join(SAMPLERS)}")
 
 
-def option_names(sampler: str) -> tuple[str, ...]:
-    """The options ``sampler`` takes: its keyword-only parameters (e.g. ``eta``, ``var_type``,
-    ``order``), without the contract's ``generator`` and ``callback``."""
+def option_defaults(sampler: str) -> dict[str, Any]:
+    """The options ``sampler`` takes and their defaults: its keyword-only parameters (e.g.
+    ``eta``, ``var_type``, ``order``), without the contract's ``generator`` and ``callback``."""
     check_sampler(sampler)
-    return tuple(name for name, p in inspect.signature(SAMPLERS[sampler]).parameters.items()
-                 if p.kind is p.KEYWORD_ONLY and name not in CONTRACT)
+    return {name: p.default for name, p in inspect.signature(SAMPLERS[sampler]).parameters.items()
+            if p.kind is p.KEYWORD_ONLY and name not in CONTRACT}
+
+
+def option_names(sampler: str) -> tuple[str, ...]:
+    """The names of ``option_defaults(sampler)``."""
+    return tuple(option_defaults(sampler))
 
 
 def nfe_of(sampler: str, steps: int) -> int:
