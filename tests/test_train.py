@@ -1,3 +1,4 @@
+import importlib
 import os
 import signal
 import subprocess
@@ -66,7 +67,7 @@ def test_a_second_run_in_the_same_dir_refuses_without_resume(tmp_path, tiny_conf
 def test_a_nan_loss_stops_the_run_and_saves_nothing_non_finite(tmp_path, tiny_args):
     cfg = load_config(None, tiny_args + ["--train.lr", "1.0", "--train.grad_clip", "0",
                                          "--train.warmup_steps", "0", "--train.nan_patience", "1"])
-    import pixeldiffusion.train as train_module
+    train_module = importlib.import_module("pixeldiffusion.train")
     real_loss = train_module.training_loss
     calls = []
 

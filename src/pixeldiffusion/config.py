@@ -9,25 +9,27 @@ the error messages all come from the same place.
 from __future__ import annotations
 
 import dataclasses
-import difflib
 import math
 import os
 import types
 import typing
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import yaml
 
-from .errors import ConfigError
+from .errors import ConfigError, did_you_mean
 
 
-def _opt(default: Any, *, choices: Sequence[Any] | None = None, low: float | None = None,
-         high: float | None = None, doc: str = "") -> Any:
-    """A dataclass field with its allowed values (``choices`` or the closed range [low, high])."""
-    meta = {"choices": tuple(choices) if choices else None, "low": low, "high": high, "doc": doc}
+def _opt(default: Any, *, choices: Sequence[Any] | Callable[[], Sequence[Any]] | None = None,
+         low: float | None = None, high: float | None = None, doc: str = "") -> Any:
+    """A dataclass field with its allowed values (``choices``, or a function returning them, or
+    the closed range [low, high]). A default of None means "unset"; None always passes."""
+    if choices is not None and not callable(choices):
+        choices = tuple(choices)
+    meta = {"choices": choices or None, "low": low, "high": high, "doc": doc}
     if isinstance(default, (list, tuple)):
         return field(default_factory=lambda: tuple(default), metadata=meta)
     return field(default=default, metadata=meta)
@@ -125,23 +127,38 @@ class TrainConfig:
                            "label is replaced by the null class (classifier-free guidance)")
 
 
-SAMPLER_NAMES = ("ddpm", "ddim", "euler", "euler_ancestral", "heun", "dpmpp_2m", "dpmpp_2m_sde",
-                 "dpmpp_3m", "unipc")  # samplers.SAMPLERS (a test keeps them equal)
+def _sampler_names() -> tuple[str, ...]:
+    """The names of ``samplers.SAMPLERS``, looked up when a config is checked (samplers.py
+    imports torch, which a config alone does not need)."""
+    from .samplers import SAMPLERS
+    return tuple(SAMPLERS)
+
+
 DEPRECATED_KEYS = {"sample.skip_type": "sample.spacing"}  # old configs and checkpoints still load
 
 
 @dataclass
 class SampleConfig:
-    sampler: str = _opt("ddpm", choices=SAMPLER_NAMES, doc="samplers.SAMPLERS")
+    """How a run samples; ``samplers.sample`` takes its defaults from here. The sampler's own
+    options (``eta``, ``var_type``, ``order``, ``variant``) go to every sampler that takes them
+    (``samplers.option_names``); None leaves the sampler's own default."""
+
+    sampler: str = _opt("ddpm", choices=_sampler_names, doc="samplers.SAMPLERS")
     steps: int = _opt(100, low=1, high=100_000, doc="model calls; < T skips steps")
-    eta: float = _opt(0.0, low=0.0, high=10.0, doc="DDIM stochasticity; 1 = DDPM posterior")
-    var_type: str = _opt("fixed_small", choices=("fixed_small", "fixed_large"))
-    spacing: str = _opt("uniform", doc="timestep spacing: uniform (trailing), leading, linspace, "
-                        "quadratic, karras, logsnr, optimal (fitted to the model: "
-                        "optimal_steps.py), or a list such as 999,500,100 (schedule.py); "
-                        "alias: skip_type")
-    order: int = _opt(3, low=1, high=3, doc="unipc: order of the predictor-corrector")
-    variant: str = _opt("bh2", choices=("bh1", "bh2"), doc="unipc: B(h) = h or e^h - 1")
+    eta: float | None = _opt(None, low=0.0, high=10.0, doc="noise of the samplers that take it "
+                             "(ddim, euler_ancestral, dpmpp_2m_sde): 0 = deterministic; null = "
+                             "the sampler's own default")
+    var_type: str | None = _opt(None, choices=("fixed_small", "fixed_large"),
+                                doc="ddpm variance; null = the sampler's own default")
+    spacing: str | None = _opt(None, doc="timestep spacing: uniform (trailing), leading, "
+                               "linspace, quadratic, karras, logsnr, optimal (fitted to the "
+                               "model: optimal_steps.py), or a list such as 999,500,100 "
+                               "(schedule.py); null = the sampler's own "
+                               "(samplers.default_spacing); alias: skip_type")
+    order: int | None = _opt(None, low=1, high=3, doc="unipc: order of the predictor-corrector; "
+                             "null = the sampler's own default")
+    variant: str | None = _opt(None, choices=("bh1", "bh2"), doc="unipc: B(h) = h or e^h - 1; "
+                               "null = the sampler's own default")
     dynamic_threshold: float = _opt(0.0, low=0.0, high=0.9999, doc="Imagen dynamic thresholding "
                                     "quantile, e.g. 0.995 (replaces clip_x0); 0 = off")
     n_samples: int = _opt(64, low=1, high=1_000_000)
@@ -189,9 +206,8 @@ def all_keys() -> list[str]:
 
 
 def _unknown(key: str, known: Sequence[str], what: str) -> ConfigError:
-    close = difflib.get_close_matches(key, known, n=1, cutoff=0.6)
-    hint = f"; did you mean '{close[0]}'?" if close else f"; valid {what}s: {', '.join(known)}"
-    return ConfigError(f"unknown config {what} '{key}'{hint}")
+    hint = did_you_mean(key, known).strip() or f"valid {what}s: {', '.join(known)}"
+    return ConfigError(f"unknown config {what} '{key}'; {hint}")
 
 
 def _coerce(key: str, value: Any, typ: Any) -> Any:
@@ -208,8 +224,11 @@ def _coerce(key: str, value: Any, typ: Any) -> Any:
             raise ConfigError(f"config key '{key}' needs a list of {inner.__name__}s "
                               f"such as 1,2,2; got {value!r}")
         return tuple(_coerce(key, v, inner) for v in value)
-    if origin in (typing.Union, types.UnionType):
-        return value  # not used by the sections above; kept permissive for forward compatibility
+    if origin in (typing.Union, types.UnionType):  # X | None: unset, or an X
+        if value is None:
+            return None
+        (inner,) = (arg for arg in typing.get_args(typ) if arg is not type(None))
+        return _coerce(key, value, inner)
     if typ is bool:
         if isinstance(value, bool):
             return value
@@ -243,12 +262,16 @@ def _coerce(key: str, value: Any, typ: Any) -> Any:
 
 
 def _check_range(key: str, value: Any, meta: dict) -> None:
+    if value is None:  # unset: the field's user picks the default
+        return
     choices, low, high = meta.get("choices"), meta.get("low"), meta.get("high")
+    if callable(choices):
+        choices = choices()
     if choices is not None and value not in choices:
-        close = difflib.get_close_matches(str(value), [str(c) for c in choices], n=1)
-        hint = f" (did you mean '{close[0]}'?)" if close else ""
+        hint = did_you_mean(value, choices).strip()
         raise ConfigError(f"config key '{key}' must be one of "
-                          f"{', '.join(map(str, choices))}; got {value!r}{hint}")
+                          f"{', '.join(map(str, choices))}; got {value!r}"
+                          f"{f' ({hint})' if hint else ''}")
     items = value if isinstance(value, tuple) else (value,)
     for item in items:
         if low is not None and item < low or high is not None and item > high:

@@ -38,6 +38,7 @@ from .checkpoint import FORMAT, load_checkpoint, load_state_checked, load_torch_
 from .config import Config, from_dict
 from .errors import CheckpointError
 from .files import atomic_write, write_text_atomic
+from .samplers import option_defaults
 from .schedule import cosine_betas, linear_betas, make_betas, sigmoid_betas
 from .unet import build_unet
 
@@ -225,7 +226,8 @@ def scheduler_config(cfg: Config) -> dict[str, Any]:
         "_class_name": "DDPMScheduler", "_diffusers_version": DIFFUSERS_VERSION,
         "num_train_timesteps": d.timesteps, "beta_start": d.beta_start, "beta_end": d.beta_end,
         "beta_schedule": names.get(d.beta_schedule, "linear"), "trained_betas": trained,
-        "variance_type": cfg.sample.var_type, "clip_sample": cfg.sample.clip_x0,
+        "variance_type": cfg.sample.var_type or option_defaults("ddpm")["var_type"],
+        "clip_sample": cfg.sample.clip_x0,
         "clip_sample_range": 1.0, "prediction_type": PREDICTION_TO_DIFFUSERS[d.prediction],
         "thresholding": False, "timestep_spacing": "trailing", "steps_offset": 0,
         "rescale_betas_zero_snr": False,
