@@ -358,16 +358,18 @@ def _reattach(args: argparse.Namespace, extra: list[str]) -> list[str]:
     return extra
 
 
-def _stray_positionals(extra: list[str]) -> list[str]:
-    """The unknown arguments that are neither an ``--key value`` / ``--key=value`` pair."""
-    stray, i = [], 0
+def _unknown_arguments(extra: list[str]) -> tuple[list[str], list[str]]:
+    """(unknown options, stray positionals) among the arguments argparse did not know;
+    ``--section.key value`` / ``--section.key=value`` pairs are neither."""
+    options, stray, i = [], [], 0
     while i < len(extra):
-        if extra[i].startswith("--"):
-            i += 1 if "=" in extra[i] else 2
-        else:
-            stray.append(extra[i])
-            i += 1
-    return stray
+        item = extra[i]
+        if item.startswith("--") and "." in item.split("=", 1)[0]:
+            i += 1 if "=" in item else 2
+            continue
+        (options if item.startswith("-") else stray).append(item)
+        i += 1
+    return options, stray
 
 
 def _eval_sample_options(args: argparse.Namespace, extra: list[str]) -> dict[str, str]:
@@ -376,7 +378,11 @@ def _eval_sample_options(args: argparse.Namespace, extra: list[str]) -> dict[str
     from .config import parse_overrides
 
     extra = _reattach(args, list(extra))
-    stray = _stray_positionals(extra)
+    unknown, stray = _unknown_arguments(extra)
+    if unknown:
+        raise PixelDiffusionError(f"eval has no option '{unknown[0]}'; pixeldiffusion eval "
+                                  f"--help lists them (sampling config keys are given as "
+                                  f"--sample.KEY value)")
     if stray:
         first = args.input or "INPUT"
         raise PixelDiffusionError(f"eval takes one INPUT (a checkpoint, an image folder or a "

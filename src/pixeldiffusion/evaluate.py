@@ -31,7 +31,7 @@ from .errors import DataError, PixelDiffusionError, did_you_mean
 from .features import Extractor, digit_extractor, extract_batched, inception_extractor
 from .image_sets import Images
 from .reference import Reference, reference_features
-from .results import Provenance, Row, plot_vs_nfe, write_results
+from .results import Provenance, Row, check_plot_path, plot_vs_nfe, write_results
 
 # --------------------------------------------------------------------------- scoring
 
@@ -407,10 +407,14 @@ class EvalOptions:
     data_root: str = "data"
     progress: bool = True
 
-    def changes_sampling(self) -> bool:
-        """Whether any option asks for sampling (which only a checkpoint can do)."""
-        chosen = (self.sampler, self.steps, self.guidance, self.class_label)
-        return any(v is not None for v in chosen) or bool(self.sample_options or self.sweep)
+    def checkpoint_only(self) -> list[str]:
+        """The options given that only a checkpoint input can use (they sample, or plot
+        against NFE), named as on the command line."""
+        given = {"--sampler": self.sampler is not None, "--steps": self.steps is not None,
+                 "--guidance": self.guidance is not None, "--class": self.class_label is not None,
+                 "--sample.KEY": bool(self.sample_options), "--sweep": bool(self.sweep),
+                 "--plot": self.plot is not None}
+        return [name for name, on in given.items() if on]
 
 
 @dataclass
@@ -449,9 +453,11 @@ def _load_source(options: EvalOptions, device: torch.device) -> tuple[Any, Image
         loaded = load_checkpoint(path, use_ema=options.use_ema, device=device)
         loaded.config = sampling_config(loaded.config, options)
         return loaded, None
-    if options.changes_sampling():
-        raise PixelDiffusionError("sampling options and --sweep need a checkpoint input "
-                                  "(-cp RUN_DIR); images in a folder or npz are scored as they are")
+    if options.checkpoint_only():
+        *most, last = options.checkpoint_only()
+        names = f"{', '.join(most)} and {last}" if most else last
+        raise PixelDiffusionError(f"{names} need a checkpoint input (-cp RUN_DIR); images in a "
+                                  f"folder or npz are scored as they are")
     images = load_images(path)
     if images.size[0] != images.size[1]:
         raise DataError(f"the images are {images.size[0]}x{images.size[1]}; eval compares "
@@ -466,6 +472,8 @@ def run_eval(options: EvalOptions) -> EvalReport:
     from .features import make_extractor
     from .reference import save_stats
 
+    if options.plot is not None:
+        check_plot_path(options.plot)
     device = resolve_device(options.device)
     extractor = make_extractor(options.extractor, inception_weights=options.inception_weights,
                                device=device)

@@ -77,7 +77,7 @@ def npz_labels(path: Path, arrays: dict[str, np.ndarray], n: int) -> Tensor | No
                         f"images; it must be [N]")
     if not np.issubdtype(labels.dtype, np.integer):
         raise DataError(f"'{path}': 'labels' must be integer class indices; got {labels.dtype} "
-                        f"(e.g. {labels[0]!r}); save them as integers, e.g. "
+                        f"(e.g. {labels.flat[0].item()!r}); save them as integers, e.g. "
                         f"labels=np.asarray(indices, dtype=np.int64), or leave 'labels' out")
     return torch.from_numpy(labels.astype(np.int64))
 

@@ -96,9 +96,9 @@ def write_results(rows: list[Row], out_dir: str | Path) -> list[Path]:
     return [out_dir / n for n in ("results.csv", "results.md", "results.json")]
 
 
-def plot_vs_nfe(rows: list[Row], path: str | Path, metric: str | None = None) -> Path:
-    """``metric`` (default: the first of COLUMNS present) against NFE, one line per sampler, as
-    an image file (matplotlib, optional)."""
+def _pyplot() -> Any:
+    """matplotlib.pyplot on the file-only Agg backend, or a PixelDiffusionError saying what to
+    install."""
     try:
         import matplotlib
 
@@ -106,6 +106,29 @@ def plot_vs_nfe(rows: list[Row], path: str | Path, metric: str | None = None) ->
         import matplotlib.pyplot as plt
     except ImportError:
         raise PixelDiffusionError("--plot needs matplotlib; pip install matplotlib") from None
+    return plt
+
+
+def check_plot_path(path: str | Path) -> str:
+    """The image format of a plot path (its suffix, e.g. "png"), or a PixelDiffusionError when
+    matplotlib cannot write it; called before the work so a typo costs nothing."""
+    path = Path(path)
+    kind = path.suffix.lstrip(".").lower()
+    _pyplot()
+    from matplotlib.backend_bases import FigureCanvasBase
+
+    supported = FigureCanvasBase.get_supported_filetypes()
+    if kind not in supported:
+        raise PixelDiffusionError(f"cannot write a plot to '{path}'; end its name in one of "
+                                  f"{', '.join('.' + k for k in sorted(supported))}")
+    return kind
+
+
+def plot_vs_nfe(rows: list[Row], path: str | Path, metric: str | None = None) -> Path:
+    """``metric`` (default: the first of COLUMNS present) against NFE, one line per sampler, as
+    an image file (matplotlib, optional)."""
+    kind = check_plot_path(path)
+    plt = _pyplot()
     metric = metric or next(c for c in COLUMNS if c in rows[0].results)
     fig, ax = plt.subplots(figsize=(6, 4), dpi=120)
     for sampler in dict.fromkeys(r.setting.get("sampler") for r in rows):
@@ -124,14 +147,7 @@ def plot_vs_nfe(rows: list[Row], path: str | Path, metric: str | None = None) ->
     ax.grid(True, which="both", alpha=0.3)
     ax.legend(fontsize=8)
     fig.tight_layout()
-    path = Path(path)
-    kind = path.suffix.lstrip(".").lower()
-    supported = fig.canvas.get_supported_filetypes()
-    if kind not in supported:
-        plt.close(fig)
-        raise PixelDiffusionError(f"cannot write a plot to '{path}'; end its name in one of "
-                                  f"{', '.join('.' + k for k in sorted(supported))}")
     with atomic_write(path) as tmp, open(tmp, "wb") as f:
         fig.savefig(f, format=kind)
     plt.close(fig)
-    return path
+    return Path(path)
