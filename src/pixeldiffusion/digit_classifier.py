@@ -23,6 +23,7 @@ from torch import Tensor, nn
 
 from .data import LUMA_601
 from .errors import CheckpointError, did_you_mean
+from .images import uint8_to_float
 
 WEIGHTS_NAME = "digit_classifier.safetensors"
 FEATURE_DIM = 64
@@ -87,7 +88,7 @@ def builtin_digits(split: str = "heldin") -> tuple[Tensor, Tensor]:
                          f"heldout or all")
     index = splits[split]
     chosen = torch.from_numpy(index)
-    return images[chosen].float().div(127.5).sub(1.0), labels[chosen]
+    return uint8_to_float(images[chosen]), labels[chosen]
 
 
 def weights_file():

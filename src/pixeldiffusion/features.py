@@ -24,6 +24,7 @@ import torch
 from torch import Tensor
 
 from .errors import PixelDiffusionError, did_you_mean
+from .images import float_to_uint8
 
 INCEPTION_ENV = "PIXELDIFFUSION_INCEPTION_WEIGHTS"
 INCEPTION_URL = ("https://github.com/toshas/torch-fidelity/releases/download/v0.2.0/"
@@ -150,7 +151,7 @@ def inception_extractor(weights: str | Path | None = None,
         feats, logits = [], []
         for chunk in images.split(64):
             # torch-fidelity takes uint8 RGB pixels and resizes to 299x299 itself
-            x = ((chunk.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
+            x = float_to_uint8(chunk)
             if x.shape[1] == 1:
                 x = x.repeat(1, 3, 1, 1)
             pool, logit = model(x.to(device))

@@ -16,6 +16,7 @@ from PIL import Image
 from torch import Tensor
 
 from .errors import DataError
+from .images import uint8_to_float
 
 GREY_MODES = ("1", "L", "LA", "I", "I;16", "I;16B", "I;16L", "F")
 
@@ -39,7 +40,7 @@ class Images:
 
 def from_uint8_nhwc(pixels: np.ndarray) -> Tensor:
     """uint8 [N, H, W, C] in [0, 255] -> float32 [N, C, H, W] in [-1, 1]."""
-    return torch.from_numpy(np.ascontiguousarray(pixels)).permute(0, 3, 1, 2).float() / 127.5 - 1
+    return uint8_to_float(np.ascontiguousarray(pixels.transpose(0, 3, 1, 2)))
 
 
 def read_npz(path: Path) -> dict[str, np.ndarray]:

@@ -32,6 +32,7 @@ from .errors import DataError, did_you_mean
 from .features import Extractor, extract_batched
 from .files import atomic_write
 from .image_sets import npz_pixels, read_npz
+from .images import uint8_to_float
 
 CACHE_ENV = "PIXELDIFFUSION_CACHE"
 DATASET_REFS = ("digits", "digits-heldout", "mnist", "cifar10", "celeba64")
@@ -105,14 +106,14 @@ def cache_key(name: str, resolution: int, channels: int, extractor_key: str) -> 
 
 def _npz_reference_images(path: Path, resolution: int, channels: int) -> Tensor:
     """An images .npz fitted like a data set: float32 [M, channels, resolution, resolution]."""
-    from .data import _fit, to_float
+    from .data import _fit
 
     pixels = npz_pixels(path, read_npz(path))
     if pixels.shape[1] != pixels.shape[2]:
         raise DataError(f"the reference images in '{path}' are {pixels.shape[2]}x"
                         f"{pixels.shape[1]}; a reference must be square, crop them first")
     fitted = _fit(np.ascontiguousarray(pixels.transpose(0, 3, 1, 2)), resolution, channels)
-    return to_float(torch.from_numpy(fitted))
+    return uint8_to_float(fitted)
 
 
 def reference_images(name: str, resolution: int, channels: int,
@@ -138,7 +139,7 @@ def reference_images(name: str, resolution: int, channels: int,
         if dataset_name == "digits":
             held_in, held_out = digit_splits(dataset.labels.numpy())
             pixels = pixels[torch.from_numpy(held_out if name == "digits-heldout" else held_in)]
-        return torch.from_numpy(np.asarray(pixels)).float() / 127.5 - 1
+        return uint8_to_float(np.asarray(pixels))
     return torch.stack([dataset[i][0] for i in range(len(dataset))])
 
 
