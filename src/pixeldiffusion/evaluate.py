@@ -142,20 +142,12 @@ class _Zero(nn.Module):
         return torch.zeros_like(x)
 
 
-def nfe_of(sampler: str, steps: int, alphas_cumprod: Tensor) -> int:
-    """Model calls ``sampler`` makes for ``steps`` steps, counted on a 1-pixel dummy model."""
-    from .samplers import sample
-
-    counter = CountingModel(_Zero())
-    with metrics.single_thread():  # thousands of tiny ops: a busy thread pool only slows them
-        sample(counter, torch.zeros(1, 1, 1, 1), alphas_cumprod, sampler=sampler, steps=steps)
-    return counter.calls
-
-
-def steps_for_nfe(sampler: str, nfe: int, alphas_cumprod: Tensor) -> int:
+def steps_for_nfe(sampler: str, nfe: int) -> int:
     """The most steps whose NFE is at most ``nfe`` (``heun``: (nfe + 1) // 2)."""
+    from .samplers import nfe_of
+
     for steps in range(nfe, 0, -1):
-        if nfe_of(sampler, steps, alphas_cumprod) <= nfe:
+        if nfe_of(sampler, steps) <= nfe:
             return steps
     raise PixelDiffusionError(f"sampler '{sampler}' cannot run on {nfe} model calls")
 
@@ -213,20 +205,19 @@ def _nfe_budget(text: str) -> int:
 
 
 def check_sampler(name: str) -> None:
-    """A PixelDiffusionError naming the closest sampler unless ``name`` is one."""
-    from .samplers import SAMPLERS
+    """samplers.check_sampler's message as a PixelDiffusionError, which also names
+    ``sampler=all``, the sweep's spelling of every sampler."""
+    from . import samplers
 
-    if name not in SAMPLERS:
-        raise PixelDiffusionError(f"unknown sampler '{name}'; {did_you_mean(name, SAMPLERS)}use "
-                                  f"one of {', '.join(SAMPLERS)} (or sampler=all in --sweep)")
+    try:
+        samplers.check_sampler(name)
+    except ValueError as err:
+        raise PixelDiffusionError(f"{err} (or sampler=all in --sweep)") from None
 
 
 def plan_sweep(base: Any, points: list[dict[str, str]], *, n_samples: int,
                seed: int | None) -> list[tuple[dict[str, str], Any]]:
     """(point, Config to sample with) for every sweep point, all checked before any sampling."""
-    from .schedule import alphas_cumprod_of
-
-    alphas_cumprod = alphas_cumprod_of(base)
     plans = []
     for point in points:
         cfg = sweep_config(base, point)
@@ -235,8 +226,7 @@ def plan_sweep(base: Any, points: list[dict[str, str]], *, n_samples: int,
         s = replace(cfg.sample, n_samples=n_samples)
         check_sampler(s.sampler)
         if "nfe" in point:
-            s = replace(s, steps=steps_for_nfe(s.sampler, _nfe_budget(point["nfe"]),
-                                               alphas_cumprod))
+            s = replace(s, steps=steps_for_nfe(s.sampler, _nfe_budget(point["nfe"])))
         if s.steps > base.diffusion.timesteps:
             raise PixelDiffusionError(f"steps {s.steps} is more than the model's "
                                       f"{base.diffusion.timesteps} timesteps")
@@ -265,12 +255,11 @@ def run_sweep(loaded: Any, points: list[dict[str, str]], reference: Reference,
     """Sample and score every sweep point of a checkpoint, with one progress bar (in model calls)
     over the whole sweep; with ``grid_dir``, also save a grid of each point's first 64 images."""
     from .images import save_grid
-    from .schedule import alphas_cumprod_of
+    from .samplers import nfe_of
 
     plans = plan_sweep(loaded.config, points, n_samples=n_samples, seed=seed)
-    alphas_cumprod = alphas_cumprod_of(loaded.config)
     batches = -(-n_samples // micro_batch)
-    total = sum(nfe_of(c.sample.sampler, c.sample.steps, alphas_cumprod) for _, c in plans)
+    total = sum(nfe_of(c.sample.sampler, c.sample.steps) for _, c in plans)
     rows = []
     with tqdm(total=total * batches, desc="eval", unit="call", disable=not progress,
               dynamic_ncols=True) as bar:
