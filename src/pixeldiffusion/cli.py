@@ -116,8 +116,10 @@ def _add_sample(commands: argparse._SubParsersAction) -> None:
     s.add_argument("--guidance", type=float, metavar="W",
                    help="classifier-free guidance weight: 0 unconditional, 1 conditional, "
                         ">1 guided (default: the checkpoint's sample.guidance)")
-    s.add_argument("--precision", choices=("fp32", "bf16", "fp16"),
-                   help="autocast dtype of the model calls (default fp32; bf16 for GPUs)")
+    s.add_argument("--precision", choices=("auto", "fp32", "bf16", "fp16"),
+                   help="autocast dtype of the model calls (default: the checkpoint's, auto = "
+                        "bf16 where the device runs it natively and the model is wide enough, "
+                        "else fp32)")
     s.add_argument("--compile", type=_bool, metavar="BOOL",
                    help="torch.compile the UNet first (on CUDA: CUDA graphs); pays for many "
                         "images")
@@ -147,11 +149,13 @@ def _train(args: argparse.Namespace, overrides: list[str]) -> int:
 
 def _sample(args: argparse.Namespace, overrides: list[str]) -> int:
     from .checkpoint import load_checkpoint
-    from .device import resolve_device
+    from .device import conv_width, resolve_device, resolve_precision
     from .generate import run_from_args
 
     device = resolve_device(args.device)
     loaded = load_checkpoint(args.checkpoint, use_ema=args.load_ema, device=device)
+    print(resolve_precision(args.precision or loaded.config.sample.precision, device,
+                            conv_width(loaded.model)), file=sys.stderr)
     for path in run_from_args(loaded, args, device):
         print(path)
     return 0

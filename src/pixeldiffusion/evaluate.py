@@ -876,7 +876,7 @@ def run_from_args(args: Any, overrides: Sequence[str]) -> int:
     import sys
 
     from .checkpoint import load_checkpoint
-    from .device import resolve_device
+    from .device import conv_width, resolve_device, resolve_precision
     from .samplers import SAMPLERS
 
     overrides = _reattach(args, list(overrides))
@@ -897,6 +897,8 @@ def run_from_args(args: Any, overrides: Sequence[str]) -> int:
     if args.checkpoint or is_checkpoint(path):
         loaded = load_checkpoint(path, use_ema=args.load_ema, device=device)
         loaded.config = _sample_overrides(loaded.config, args, overrides)
+        print(resolve_precision(loaded.config.sample.precision, device,
+                                conv_width(loaded.model)), file=sys.stderr)
         resolution, channels = loaded.config.data.image_size, loaded.config.data.channels
         images = None
     else:

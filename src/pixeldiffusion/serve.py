@@ -46,6 +46,7 @@ from .checkpoint import (
     resolve_weights_path,
 )
 from .config import Config, from_dict
+from .device import precision_rule
 from .errors import PixelDiffusionError
 from .generate import generate
 from .guidance import class_names_or_indices, parse_class
@@ -511,6 +512,7 @@ def serve(sources: Sequence[str | Path], *, host: str = "127.0.0.1", port: int =
               f"the UI has no login", file=sys.stderr)
     print(f"pixeldiffusion UI on http://{'localhost' if host == '127.0.0.1' else host}:{port}/ "
           f"({len(queue.entries)} checkpoint(s)); Ctrl-C stops it", flush=True)
+    print(precision_rule(queue.device), flush=True)
     try:
         uvicorn.run(make_app(queue, limits), host=host, port=port, log_level="warning")
     finally:
