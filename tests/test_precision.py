@@ -266,3 +266,23 @@ def test_serve_prints_the_rule_at_start(trained, monkeypatch, capsys) -> None:
     monkeypatch.setattr(uvicorn, "run", lambda app, **kwargs: None)
     assert main(["serve", "-cp", str(trained), "--device", "cpu"]) == 0
     assert "precision: auto -> fp32 (no native bf16 on cpu)" in capsys.readouterr().out
+
+
+def test_throughput_prints_the_machine_and_default_vs_auto() -> None:
+    """``benchmarks/throughput.py --default-vs-auto`` (no diffusers needed) names the CPU and its
+    bf16 flags, then one row per config with what auto picked; under ``ONEDNN_MAX_CPU_ISA=AVX2``
+    it says bf16 is not native and auto is fp32."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    script = Path(__file__).resolve().parent.parent / "benchmarks" / "throughput.py"
+    env = {**os.environ, "ONEDNN_MAX_CPU_ISA": "AVX2"}
+    result = subprocess.run([sys.executable, str(script), "--default-vs-auto", "--configs",
+                             "mnist", "--repeats", "1", "--warmup", "0", "--device", "cpu"],
+                            capture_output=True, text=True, env=env, timeout=600, check=True)
+    header = result.stdout.splitlines()[0]
+    assert header.startswith("machine: CPU ") and "flags: " in header
+    assert "native bf16: no" in header and "ONEDNN_MAX_CPU_ISA=AVX2" in header
+    assert "| mnist | 64 | fp32 (no native bf16 on cpu) |" in result.stdout
