@@ -6,6 +6,7 @@
     python benchmarks/throughput.py --device cuda    # the same table on a GPU, plus MFU
     python benchmarks/throughput.py --compile        # also ours under torch.compile
     python benchmarks/throughput.py --default-vs-auto --repeats 15   # fp32 vs precision auto
+    python benchmarks/throughput.py --default-vs-auto --cpu-time     # the same, 1 thread, CPU s
 
 Every run first prints the machine: the CPU's name, its avx2 / avx512f / avx512_bf16 /
 avx512_fp16 / amx flags, torch's CPU capability, whether bf16 is native (``device.native_bf16``),
@@ -222,24 +223,26 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def _timed(step: Step, device: torch.device) -> float:
+def _timed(step: Step, device: torch.device,
+           clock: Callable[[], float] = time.perf_counter) -> float:
     _sync(device)
-    start = time.perf_counter()
+    start = clock()
     step()
     _sync(device)
-    return time.perf_counter() - start
+    return clock() - start
 
 
-def interleaved_times(steps: list[Step], device: torch.device, warmup: int,
-                      repeats: int) -> list[list[float]]:
-    """Seconds of each step in each repeat, timed in turn (a, b, a, b, ...) ``repeats`` times."""
+def interleaved_times(steps: list[Step], device: torch.device, warmup: int, repeats: int,
+                      clock: Callable[[], float] = time.perf_counter) -> list[list[float]]:
+    """Seconds of each step in each repeat, timed in turn (a, b, a, b, ...) ``repeats`` times,
+    by ``clock`` (wall time, or ``time.process_time`` for CPU time)."""
     for _ in range(warmup):
         for step in steps:
             step()
     times: list[list[float]] = [[] for _ in steps]
     for _ in range(repeats):
         for step, record in zip(steps, times, strict=True):
-            record.append(_timed(step, device))
+            record.append(_timed(step, device, clock))
     return times
 
 
@@ -316,8 +319,8 @@ def one_nfe(net: Callable[..., torch.Tensor], x_t: torch.Tensor, t: torch.Tensor
     return step
 
 
-def default_vs_auto(configs: list[str], device: torch.device, warmup: int,
-                    repeats: int) -> list[str]:
+def default_vs_auto(configs: list[str], device: torch.device, warmup: int, repeats: int,
+                    clock: Callable[[], float] = time.perf_counter) -> list[str]:
     """Rows of sampling img/s per NFE of ours with the old default (fp32) beside the new one
     (auto), one model call each in turn on the same model and x_t; the speed-up is the median
     fp32 time over the median auto time, with the range of the per-repeat ratios. Where bf16 is
@@ -335,7 +338,7 @@ def default_vs_auto(configs: list[str], device: torch.device, warmup: int,
         t = torch.full((sample_batch,), 500, device=device)
         steps = [one_nfe(sampling_network(model, device, precision=p), x_t, t)
                  for p in precisions]
-        fp32_s, auto_s, *bf16_s = interleaved_times(steps, device, warmup, repeats)
+        fp32_s, auto_s, *bf16_s = interleaved_times(steps, device, warmup, repeats, clock)
         ratios = sorted(a / b for a, b in zip(fp32_s, auto_s, strict=True))
         fp32_med, auto_med = statistics.median(fp32_s), statistics.median(auto_s)
         bf16 = "emulated: not run"
@@ -360,6 +363,9 @@ def main() -> None:
     parser.add_argument("--default-vs-auto", action="store_true",
                         help="only ours' sampling, old default fp32 beside new default auto, "
                              "side by side in one run (needs no diffusers)")
+    parser.add_argument("--cpu-time", action="store_true",
+                        help="with --default-vs-auto on a CPU: one thread, timed by the "
+                             "process's CPU time, which other processes' load does not inflate")
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--bf16-repeats", type=int, default=None,
@@ -379,11 +385,16 @@ def main() -> None:
     gpu = device.type == "cuda"
     name = torch.cuda.get_device_name(device) if gpu else \
         f"{cpu_name()}, {torch.get_num_threads()} threads"
+    cpu_time = args.cpu_time and device.type == "cpu"
+    if cpu_time:
+        torch.set_num_threads(1)  # CPU time of one thread is its work, however loaded the box
     print(machine_header(device), flush=True)
     if args.default_vs_auto:
         print(f"sampling of ours, old default fp32 beside new default auto; median of "
-              f"{args.repeats} interleaved repeats after {args.warmup} warm-ups", flush=True)
-        rows = default_vs_auto(args.configs.split(","), device, args.warmup, args.repeats)
+              f"{args.repeats} interleaved repeats after {args.warmup} warm-ups; "
+              f"{'CPU time of 1 thread' if cpu_time else 'wall time'}", flush=True)
+        rows = default_vs_auto(args.configs.split(","), device, args.warmup, args.repeats,
+                               time.process_time if cpu_time else time.perf_counter)
         print("\n| config | sample batch | auto -> | fp32 img/s per NFE | auto img/s per NFE | "
               "auto / fp32 | per-repeat range | bf16 img/s (/ fp32) |\n"
               "|---|---:|---|---:|---:|---:|---:|---:|")
