@@ -154,9 +154,10 @@ def _sample(args: argparse.Namespace, overrides: list[str]) -> int:
 
     device = resolve_device(args.device)
     loaded = load_checkpoint(args.checkpoint, use_ema=args.load_ema, device=device)
+    written = run_from_args(loaded, args, device)
     print(resolve_precision(args.precision or loaded.config.sample.precision, device,
                             conv_width(loaded.model)), file=sys.stderr)
-    for path in run_from_args(loaded, args, device):
+    for path in written:
         print(path)
     return 0
 
