@@ -5,6 +5,16 @@
     python benchmarks/throughput.py --precisions fp32 --configs mnist --repeats 3   # quick look
     python benchmarks/throughput.py --device cuda    # the same table on a GPU, plus MFU
     python benchmarks/throughput.py --compile        # also ours under torch.compile
+    python benchmarks/throughput.py --default-vs-auto --repeats 15   # fp32 vs precision auto
+    python benchmarks/throughput.py --default-vs-auto --cpu-time     # the same, 1 thread, CPU s
+
+Every run first prints the machine: the CPU's name, its avx2 / avx512f / avx512_bf16 /
+avx512_fp16 / amx flags, torch's CPU capability, whether bf16 is native (``device.native_bf16``),
+any ``ONEDNN_MAX_CPU_ISA`` cap and the load average, so a quoted table says what it ran on.
+``--default-vs-auto`` times only our sampling, the old default (fp32) beside the new one
+(``precision auto``) and, where bf16 is native, forced bf16, in turn on one model
+(docs/precision.md). ``ONEDNN_MAX_CPU_ISA=AVX2`` emulates an AVX2-only CPU's bf16 on a
+native one.
 
 For each config (configs/mnist.yaml: the default digits model, 1x32x32; configs/cifar10.yaml: the
 DDPM paper's 35.7M-parameter CIFAR-10 model, 3x32x32) diffusers' ``UNet2DModel`` is built with the
@@ -25,7 +35,8 @@ same function (Ho et al. 2020, App. B) with the same number of weights.
 
 Ours and diffusers' run alternately (ours, diffusers, ours, ...) in every repeat, so load from
 other processes hits both alike; each number is the median of ``--repeats`` after ``--warmup``
-untimed steps, and the ratio is ours / diffusers. bf16 rows run under ``torch.autocast``.
+untimed steps, and the ratio is ours / diffusers. bf16 rows run under ``torch.autocast``; an
+``auto`` row runs what ``precision auto`` picks here.
 On CUDA the script adds the model FLOPs utilisation (MFU) of the CIFAR-10 training step in bf16:
 FLOPs of one forward + backward counted by ``torch.utils.flop_counter.FlopCounterMode``, divided
 by the step time and the GPU's peak dense bf16 rate (``PEAK_BF16_TFLOPS``, or ``--peak-tflops``).
@@ -35,6 +46,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import os
 import platform
 import statistics
 import time
@@ -45,7 +57,14 @@ import torch
 import torch.nn.functional as F
 
 from pixeldiffusion.config import Config, load_config
-from pixeldiffusion.device import resolve_device, use_fast_kernels
+from pixeldiffusion.device import (
+    conv_width,
+    native_bf16,
+    onednn_isa_cap,
+    resolve_device,
+    resolve_precision,
+    use_fast_kernels,
+)
 from pixeldiffusion.diffusion import training_loss
 from pixeldiffusion.generate import AUTOCAST_DTYPES, sampling_network
 from pixeldiffusion.schedule import alphas_cumprod_of
@@ -204,25 +223,34 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def _timed(step: Step, device: torch.device) -> float:
+def _timed(step: Step, device: torch.device,
+           clock: Callable[[], float] = time.perf_counter) -> float:
     _sync(device)
-    start = time.perf_counter()
+    start = clock()
     step()
     _sync(device)
-    return time.perf_counter() - start
+    return clock() - start
 
 
-def interleaved_medians(steps: list[Step], device: torch.device, warmup: int,
-                        repeats: int) -> list[float]:
-    """Median seconds of each step, timed in turn (a, b, a, b, ...) ``repeats`` times."""
+def interleaved_times(steps: list[Step], device: torch.device, warmup: int, repeats: int,
+                      clock: Callable[[], float] = time.perf_counter) -> list[list[float]]:
+    """Seconds of each step in each repeat, timed in turn (a, b, a, b, ...) ``repeats`` times,
+    by ``clock`` (wall time, or ``time.process_time`` for CPU time)."""
     for _ in range(warmup):
         for step in steps:
             step()
     times: list[list[float]] = [[] for _ in steps]
     for _ in range(repeats):
         for step, record in zip(steps, times, strict=True):
-            record.append(_timed(step, device))
-    return [statistics.median(record) for record in times]
+            record.append(_timed(step, device, clock))
+    return times
+
+
+def interleaved_medians(steps: list[Step], device: torch.device, warmup: int,
+                        repeats: int) -> list[float]:
+    """Median seconds of each step, timed in turn (a, b, a, b, ...) ``repeats`` times."""
+    return [statistics.median(record)
+            for record in interleaved_times(steps, device, warmup, repeats)]
 
 
 def training_mfu(cfg: Config, batch: int, device: torch.device, warmup: int,
@@ -256,18 +284,94 @@ def cpu_name() -> str:
     return platform.processor() or platform.machine()
 
 
+CPU_FLAGS = ("avx2", "avx512f", "avx512_bf16", "avx512_fp16", "amx_tile", "amx_bf16")
+
+
+def cpu_flags() -> list[str]:
+    """Which of ``CPU_FLAGS`` the CPU reports (Linux /proc/cpuinfo); empty where unreadable."""
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return []
+    line = next((line for line in text.splitlines() if line.startswith("flags")), "")
+    present = set(line.partition(":")[2].split())
+    return [flag for flag in CPU_FLAGS if flag in present]
+
+
+def machine_header(device: torch.device) -> str:
+    """What a quoted table ran on: the CPU's name, its bf16/AVX-512/AMX flags, torch's own
+    reading of them, any oneDNN ISA cap, what ``precision auto`` does here, and the load."""
+    cap = onednn_isa_cap()
+    gpu = f"; GPU {torch.cuda.get_device_name(device)}" if device.type == "cuda" else ""
+    return (f"machine: CPU {cpu_name()}, {os.cpu_count()} cores, {torch.get_num_threads()} "
+            f"threads; flags: {' '.join(cpu_flags()) or 'unknown'}; torch "
+            f"{torch.__version__} CPU capability {torch.backends.cpu.get_cpu_capability()}, "
+            f"native bf16: {native_bf16(device) or 'no'}"
+            f"{f', ONEDNN_MAX_CPU_ISA={cap}' if cap else ''}{gpu}; load average "
+            f"{' '.join(f'{x:.2f}' for x in os.getloadavg())}")
+
+
+def one_nfe(net: Callable[..., torch.Tensor], x_t: torch.Tensor, t: torch.Tensor) -> Step:
+    """One model call of ``net`` on (x_t, t) under ``torch.inference_mode``, as a step."""
+    @torch.inference_mode()
+    def step() -> None:
+        net(x_t, t)
+    return step
+
+
+def default_vs_auto(configs: list[str], device: torch.device, warmup: int, repeats: int,
+                    clock: Callable[[], float] = time.perf_counter) -> list[str]:
+    """Rows of sampling img/s per NFE of ours with the old default (fp32) beside the new one
+    (auto), one model call each in turn on the same model and x_t; the speed-up is the median
+    fp32 time over the median auto time, with the range of the per-repeat ratios. Where bf16 is
+    native, forced bf16 runs in the same turns too (the evidence for auto's width rule)."""
+    rows = []
+    for config in configs:
+        cfg = load_config(CONFIGS / f"{config}.yaml")
+        c, s = cfg.data.channels, cfg.data.image_size
+        sample_batch = BATCHES[(config, "cuda" if device.type == "cuda" else "cpu")][1]
+        torch.manual_seed(0)
+        model = build_unet(cfg.model, in_channels=c, image_size=s).to(device).eval()
+        choice = resolve_precision("auto", device, conv_width(model))
+        precisions = ("fp32", "auto", "bf16") if native_bf16(device) else ("fp32", "auto")
+        x_t = torch.randn(sample_batch, c, s, s, device=device)
+        t = torch.full((sample_batch,), 500, device=device)
+        steps = [one_nfe(sampling_network(model, device, precision=p), x_t, t)
+                 for p in precisions]
+        fp32_s, auto_s, *bf16_s = interleaved_times(steps, device, warmup, repeats, clock)
+        ratios = sorted(a / b for a, b in zip(fp32_s, auto_s, strict=True))
+        fp32_med, auto_med = statistics.median(fp32_s), statistics.median(auto_s)
+        bf16 = "emulated: not run"
+        if bf16_s:
+            bf16_med = statistics.median(bf16_s[0])
+            bf16 = f"{sample_batch / bf16_med:.1f} ({fp32_med / bf16_med:.2f}x)"
+        row = (f"| {config} | {sample_batch} | {choice.precision} ({choice.reason}) | "
+               f"{sample_batch / fp32_med:.1f} | {sample_batch / auto_med:.1f} | "
+               f"{fp32_med / auto_med:.2f}x | {ratios[0]:.2f}-{ratios[-1]:.2f}x | {bf16} |")
+        rows.append(row)
+        print(row, flush=True)
+    return rows
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
     parser.add_argument("--configs", default="mnist,cifar10",
                         help="comma-separated names of configs/*.yaml")
-    parser.add_argument("--precisions", default="fp32,bf16", help="fp32 and/or bf16 (autocast)")
+    parser.add_argument("--precisions", default="fp32,bf16",
+                        help="fp32, bf16 (autocast) and/or auto (what it picks here)")
+    parser.add_argument("--default-vs-auto", action="store_true",
+                        help="only ours' sampling, old default fp32 beside new default auto, "
+                             "side by side in one run (needs no diffusers)")
+    parser.add_argument("--cpu-time", action="store_true",
+                        help="with --default-vs-auto on a CPU: one thread, timed by the "
+                             "process's CPU time, which other processes' load does not inflate")
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--bf16-repeats", type=int, default=None,
-                        help="repeats of the bf16 rows (default --repeats; on CPUs, where bf16 "
-                             "is emulated and ~12x slower, at most 3 after 1 warm-up, at a "
-                             "quarter of the fp32 batch)")
+                        help="repeats of the bf16 rows (default --repeats; on CPUs without "
+                             "native bf16, where it is emulated and ~12x slower, at most 3 after "
+                             "1 warm-up, at a quarter of the fp32 batch)")
     parser.add_argument("--compile", action="store_true",
                         help="also time ours under torch.compile (and print compile seconds)")
     parser.add_argument("--mfu-batches", default="128,256,512",
@@ -281,22 +385,42 @@ def main() -> None:
     gpu = device.type == "cuda"
     name = torch.cuda.get_device_name(device) if gpu else \
         f"{cpu_name()}, {torch.get_num_threads()} threads"
+    cpu_time = args.cpu_time and device.type == "cpu"
+    if cpu_time:
+        torch.set_num_threads(1)  # CPU time of one thread is its work, however loaded the box
+    print(machine_header(device), flush=True)
+    if args.default_vs_auto:
+        print(f"sampling of ours, old default fp32 beside new default auto; median of "
+              f"{args.repeats} interleaved repeats after {args.warmup} warm-ups; "
+              f"{'CPU time of 1 thread' if cpu_time else 'wall time'}", flush=True)
+        rows = default_vs_auto(args.configs.split(","), device, args.warmup, args.repeats,
+                               time.process_time if cpu_time else time.perf_counter)
+        print("\n| config | sample batch | auto -> | fp32 img/s per NFE | auto img/s per NFE | "
+              "auto / fp32 | per-repeat range | bf16 img/s (/ fp32) |\n"
+              "|---|---:|---|---:|---:|---:|---:|---:|")
+        print("\n".join(rows))
+        print(f"load average at the end: {' '.join(f'{x:.2f}' for x in os.getloadavg())}")
+        return
     import diffusers
 
+    emulated = native_bf16(device) is None
     print(f"throughput on {device} ({name}); torch {torch.__version__}, diffusers "
           f"{diffusers.__version__}; median of {args.repeats} interleaved repeats after "
-          f"{args.warmup} warm-ups (bf16 on a CPU: at most 3 after 1, a quarter of the batch); "
-          f"ratio = ours / diffusers", flush=True)
+          f"{args.warmup} warm-ups"
+          f"{' (emulated bf16: at most 3 after 1, a quarter of the batch)' if emulated else ''}"
+          f"; ratio = ours / diffusers", flush=True)
     rows = []
     for config in args.configs.split(","):
         cfg = load_config(CONFIGS / f"{config}.yaml")
-        for precision in args.precisions.split(","):
-            dtype = {"fp32": None, "bf16": torch.bfloat16}[precision]
+        width = cfg.model.channels * max(cfg.model.channel_mult)  # conv_width of the UNet
+        for requested in args.precisions.split(","):
+            precision = resolve_precision(requested, device, width).precision
+            dtype = AUTOCAST_DTYPES.get(precision)
             batch, sample_batch = BATCHES[(config, "cuda" if gpu else "cpu")]
             warmup, repeats = args.warmup, args.repeats
             if dtype is not None and args.bf16_repeats is not None:
                 repeats = args.bf16_repeats
-            if dtype is not None and not gpu:  # emulated bf16: ~12x slower, so less of it
+            if dtype is not None and emulated:  # ~12x slower, so less of it
                 batch, sample_batch = max(batch // 4, 1), max(sample_batch // 4, 1)
                 warmup, repeats = min(warmup, 1), min(repeats, 3)
             variants = [("ours", ours_steps(cfg, batch, sample_batch, device, dtype))]
@@ -316,7 +440,8 @@ def main() -> None:
             theirs = len(variants) - 1
             for i, (label, (_, _, params)) in enumerate(variants[:-1]):
                 row = (
-                    f"| {config} | {label} | {params:,} / {variants[-1][1][2]:,} | {precision} "
+                    f"| {config} | {label} | {params:,} / {variants[-1][1][2]:,} | "
+                    f"{precision if requested == precision else f'{requested} -> {precision}'} "
                     f"| {batch} | {batch / train_s[i]:.1f} | {batch / train_s[theirs]:.1f} | "
                     f"{train_s[theirs] / train_s[i]:.2f}x | {sample_batch} | "
                     f"{sample_batch / sample_s[i]:.1f} | {sample_batch / sample_s[theirs]:.1f} | "

@@ -198,20 +198,24 @@ def test_loaded_weights_are_trainable_float32_parameters(tmp_path, tiny_config):
     assert not any(p.is_meta for p in loaded.parameters())
 
 
-@pytest.mark.parametrize("version, expected_eta", [("0.1.0", None), (None, 0.0)])
+@pytest.mark.parametrize("version, expected_eta, expected_precision",
+                         [("0.1.0", None, "auto"), (None, 0.0, "fp32")])
 def test_a_0_1_checkpoint_keeps_its_samplers_eta(tmp_path, tiny_config, monkeypatch,
-                                                 version, expected_eta):
+                                                 version, expected_eta, expected_precision):
     """0.1 stored sample.eta 0.0 in every config, but eta then reached DDIM alone: loaded today
-    it must not make dpmpp_2m_sde deterministic. A current checkpoint keeps what it says."""
+    it must not make dpmpp_2m_sde deterministic; its stored fp32 (the only default then) is
+    today's auto. A current checkpoint keeps what it says."""
     from dataclasses import replace
 
     import pixeldiffusion.checkpoint as checkpoint_module
 
     if version is not None:
         monkeypatch.setattr(checkpoint_module, "__version__", version)
-    cfg = replace(tiny_config, sample=replace(tiny_config.sample, sampler="dpmpp_2m_sde", eta=0.0))
+    cfg = replace(tiny_config, sample=replace(tiny_config.sample, sampler="dpmpp_2m_sde", eta=0.0,
+                                              precision="fp32"))
     model, ema = _models(cfg)
     save_checkpoint(tmp_path, 1, model, ema, {"step": 1}, cfg)
     loaded = load_checkpoint(tmp_path)
     assert loaded.config.sample.sampler == "dpmpp_2m_sde"
     assert loaded.config.sample.eta == expected_eta
+    assert loaded.config.sample.precision == expected_precision

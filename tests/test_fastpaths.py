@@ -219,7 +219,7 @@ def test_generate_samples_channels_last_under_inference_mode() -> None:
     from pixeldiffusion.generate import generate
     from pixeldiffusion.schedule import alphas_cumprod_of
 
-    cfg = sampling_config()
+    cfg = sampling_config(precision="fp32")
     spy = Spy(small_unet().eval())
     images = generate(spy, cfg, torch.device("cpu")).images
     assert spy.calls == [(True, True, False)] * 4
@@ -240,7 +240,8 @@ def test_half_precision_sampling_within_tolerance(precision: str) -> None:
     spy = Spy(small_unet().eval())
     images16 = generate(spy, sampling_config(precision=precision), torch.device("cpu")).images
     assert [autocast for *_, autocast in spy.calls] == [True] * 4
-    images32 = generate(small_unet().eval(), sampling_config(), torch.device("cpu")).images
+    images32 = generate(small_unet().eval(), sampling_config(precision="fp32"),
+                        torch.device("cpu")).images
     assert images16.dtype == torch.float32
     error = (images16 - images32).abs().max()
     assert 0 < error < 0.05, f"{precision} sampling is {error:.4f} from fp32 (max abs, in [-1, 1])"

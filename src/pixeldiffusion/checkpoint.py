@@ -283,12 +283,18 @@ def _config_of(weights: Path, metadata: dict[str, str]) -> Config:
 
 
 def _upgrade(raw: Any, version: str) -> Any:
-    """A config saved by pixeldiffusion 0.1, read as today's: there ``sample.eta`` reached DDIM
+    """A config saved by pixeldiffusion 0.1, read as today's. There ``sample.eta`` reached DDIM
     alone and every config stored its default 0.0, which would now also make euler_ancestral and
-    dpmpp_2m_sde deterministic; 0.0 there becomes null (each sampler's own default)."""
+    dpmpp_2m_sde deterministic: 0.0 becomes null (each sampler's own default). And every config
+    stored ``sample.precision`` fp32, the only default then: it becomes auto, the default now
+    (a choice of the machine that samples, not of the run)."""
     sample = raw.get("sample") if isinstance(raw, dict) else None
-    if version.startswith("0.1.") and isinstance(sample, dict) and sample.get("eta") == 0.0:
+    if not (version.startswith("0.1.") and isinstance(sample, dict)):
+        return raw
+    if sample.get("eta") == 0.0:
         sample["eta"] = None
+    if sample.get("precision") == "fp32":
+        sample["precision"] = "auto"
     return raw
 
 

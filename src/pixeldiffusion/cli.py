@@ -121,8 +121,10 @@ def _add_sample(commands: argparse._SubParsersAction) -> None:
     s.add_argument("--guidance", type=float, metavar="W",
                    help="classifier-free guidance weight: 0 unconditional, 1 conditional, "
                         ">1 guided (default: the checkpoint's sample.guidance)")
-    s.add_argument("--precision", choices=("fp32", "bf16", "fp16"),
-                   help="autocast dtype of the model calls (default fp32; bf16 for GPUs)")
+    s.add_argument("--precision", choices=("auto", "fp32", "bf16", "fp16"),
+                   help="autocast dtype of the model calls (default: the checkpoint's, auto = "
+                        "bf16 where the device runs it natively and the model is wide enough, "
+                        "else fp32)")
     s.add_argument("--compile", type=_bool, metavar="BOOL",
                    help="torch.compile the UNet first (on CUDA: CUDA graphs); pays for many "
                         "images")
@@ -157,7 +159,7 @@ SAMPLE_KEYS = ("sampler", "steps", "eta", "var_type", "spacing", "order", "varia
 
 def _sample(args: argparse.Namespace, overrides: list[str]) -> int:
     from .checkpoint import load_checkpoint
-    from .device import resolve_device
+    from .device import conv_width, resolve_device, resolve_precision
     from .generate import generate, save_outputs, spacing_text, with_sample_options
 
     device = resolve_device(args.device)
@@ -175,6 +177,8 @@ def _sample(args: argparse.Namespace, overrides: list[str]) -> int:
     written = save_outputs(generated, args.save_path, nrow=cfg.sample.nrow,
                            chain=mode != "sample", gif=args.gif, save_dir=args.save_dir,
                            grayscale=args.to_grayscale)
+    print(resolve_precision(cfg.sample.precision, device, conv_width(loaded.model)),
+          file=sys.stderr)
     if args.show:
         from PIL import Image
         Image.open(written[0]).show()

@@ -100,7 +100,10 @@ class TrainConfig:
     ema_decay: float = _opt(0.995, low=0.0, high=1.0, doc="EMA decay, reached after warm-up")
     ema_warmup: bool = _opt(True, doc="EMA decay min(ema_decay, (1+n)/(10+n)) early on")
     seed: int = _opt(0, low=0, high=2**63 - 1)
-    mixed_precision: str = _opt("no", choices=("no", "bf16", "fp16"))
+    mixed_precision: str = _opt("no", choices=("no", "auto", "bf16", "fp16"),
+                                doc="autocast dtype of training; auto = bf16 where the device "
+                                "runs it natively and the model is wide enough, else no "
+                                "(device.resolve_precision)")
     compile: bool = _opt(False, doc="torch.compile the UNet's training forward/backward: a "
                          "one-off compile of minutes, meant for long GPU runs; on the 2-core "
                          "CPU it measured no faster (README, Speed)")
@@ -167,10 +170,11 @@ class SampleConfig:
     clip_x0: bool = _opt(True, doc="clip the predicted x0 to [-1, 1]")
     use_ema: bool = _opt(True)
     seed: int = _opt(0, low=0, high=2**63 - 1)
-    precision: str = _opt("fp32", choices=("fp32", "bf16", "fp16"),
+    precision: str = _opt("auto", choices=("auto", "fp32", "bf16", "fp16"),
                           doc="autocast dtype of the UNet calls (the sampler's arithmetic stays "
-                          "fp32): bf16 pays on GPUs and on CPUs with AVX-512 BF16/AMX; on "
-                          "AVX2-only CPUs it is emulated and slower")
+                          "fp32); auto = bf16 where the device runs it natively (CUDA, CPUs "
+                          "with AVX-512-BF16/AMX) and the model is wide enough to gain, else "
+                          "fp32 (docs/precision.md)")
     compile: bool = _opt(False, doc="torch.compile the UNet for sampling; on CUDA as CUDA graphs "
                          "(mode reduce-overhead), one graph per batch shape")
     guidance: float = _opt(1.0, low=0.0, high=100.0, doc="classifier-free guidance weight w: "

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import dataclasses
 import itertools
+import sys
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
@@ -432,6 +433,7 @@ def sampling_config(base: Any, options: EvalOptions) -> Any:
 def _load_source(options: EvalOptions, device: torch.device) -> tuple[Any, Images | None]:
     """(the loaded checkpoint with its sampling config, None) or (None, the images to score)."""
     from .checkpoint import load_checkpoint
+    from .device import conv_width, resolve_precision
     from .image_sets import is_checkpoint, load_images
 
     path = Path(options.source).expanduser()
@@ -441,6 +443,8 @@ def _load_source(options: EvalOptions, device: torch.device) -> tuple[Any, Image
     if options.from_checkpoint or is_checkpoint(path):
         loaded = load_checkpoint(path, use_ema=options.use_ema, device=device)
         loaded.config = sampling_config(loaded.config, options)
+        print(resolve_precision(loaded.config.sample.precision, device, conv_width(loaded.model)),
+              file=sys.stderr)
         return loaded, None
     if options.checkpoint_only():
         *most, last = options.checkpoint_only()

@@ -13,7 +13,7 @@ import torch
 from torch import Tensor
 
 from .config import Config, SampleConfig, from_dict
-from .device import make_generator, use_fast_kernels
+from .device import conv_width, make_generator, resolve_precision, use_fast_kernels
 from .errors import PixelDiffusionError
 from .files import atomic_write
 from .guidance import guided_model, sampling_labels
@@ -35,7 +35,7 @@ class Generated:
     timesteps: Tensor | None = None  # float64 [steps], the fitted "optimal" spacing, else None
 
 
-def sampling_network(model: torch.nn.Module, device: torch.device, *, precision: str = "fp32",
+def sampling_network(model: torch.nn.Module, device: torch.device, *, precision: str = "auto",
                      compile: bool = False) -> Callable[..., Tensor]:
     """``model`` on the fast sampling path, called as the samplers call it: (x_t, t, ...) ->
     float32 output of x_t's shape. Every sampling command (``generate``, interpolation,
@@ -45,7 +45,9 @@ def sampling_network(model: torch.nn.Module, device: torch.device, *, precision:
     model too (a no-op copy check when it already is), which runs the convolutions ~1.3x faster
     on the 2-core CPU (README, Speed); on CUDA cuDNN also autotunes its algorithms
     (``device.use_fast_kernels``). ``precision`` bf16 / fp16 runs each call under
-    ``torch.autocast`` (the sampler's own arithmetic stays float32). ``compile`` wraps the model
+    ``torch.autocast`` (the sampler's own arithmetic stays float32); ``auto`` picks bf16 where
+    the device runs it natively and the model is wide enough to gain, else fp32
+    (``device.resolve_precision``). ``compile`` wraps the model
     in ``torch.compile``, on CUDA with mode "reduce-overhead": each batch shape is captured once
     as a CUDA graph and replayed, so a small UNet is no longer bound by kernel launches. Graph
     outputs live in buffers that the next replay overwrites, so they are cloned before a
@@ -59,7 +61,7 @@ def sampling_network(model: torch.nn.Module, device: torch.device, *, precision:
     if compile:
         # a fresh wrapper per call is cheap: dynamo caches the compiled graphs on the model
         net = torch.compile(model, mode="reduce-overhead" if cuda_graphs else None, dynamic=False)
-    dtype = AUTOCAST_DTYPES.get(precision)
+    dtype = AUTOCAST_DTYPES.get(resolve_precision(precision, device, conv_width(model)).precision)
 
     def call(x_t: Tensor, t: Tensor, *args: Any, **kwargs: Any) -> Tensor:
         with torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):

@@ -57,6 +57,7 @@ from .checkpoint import (
     resolve_weights_path,
 )
 from .config import Config, from_dict
+from .device import precision_rule
 from .errors import PixelDiffusionError, did_you_mean
 from .generate import generate
 from .guidance import class_names_or_indices, parse_class
@@ -847,6 +848,7 @@ def serve(sources: Sequence[str | Path], *, host: str = "127.0.0.1", port: int =
               file=sys.stderr)
     print(f"pixeldiffusion UI on {url} ({len(queue.entries)} checkpoint(s)); Ctrl-C stops it",
           flush=True)
+    print(precision_rule(queue.device), flush=True)
     try:
         uvicorn.run(make_app(queue, limits, access), host=host, port=port, log_level="warning")
     finally:

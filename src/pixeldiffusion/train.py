@@ -33,7 +33,7 @@ from .checkpoint import (
 )
 from .config import Config, save_config
 from .data import load_dataset, make_loader, random_hflip
-from .device import make_generator, resolve_device, use_fast_kernels
+from .device import make_generator, resolve_device, resolve_precision, use_fast_kernels
 from .diffusion import training_loss
 from .errors import CheckpointError, ConfigError, PixelDiffusionError
 from .generate import generate
@@ -226,7 +226,12 @@ def _make_accelerator(cfg: Config):
                           "no on this device")
     if device.type == "cuda" and device.index is not None:
         torch.cuda.set_device(device)  # accelerate's single-process device is the current one
-    return Accelerator(mixed_precision=cfg.train.mixed_precision, cpu=device.type == "cpu")
+    mixed_precision = cfg.train.mixed_precision
+    if mixed_precision == "auto":
+        width = cfg.model.channels * max(cfg.model.channel_mult)  # device.conv_width of the UNet
+        chosen = resolve_precision("auto", device, width).precision
+        mixed_precision = "bf16" if chosen == "bf16" else "no"
+    return Accelerator(mixed_precision=mixed_precision, cpu=device.type == "cpu")
 
 
 def _resume_point(run_dir: Path, resume: str | None,
@@ -332,7 +337,8 @@ def _train_locked(cfg: Config, run_dir: Path, point: ResumePoint | None, acceler
             f"{cfg.data.image_size}x{cfg.data.image_size}; model: "
             f"{count_parameters(ema):,} parameters; device: {device}"
             f"{'' if accelerator.num_processes == 1 else f' x{accelerator.num_processes}'}"
-            f"; mixed precision: {tc.mixed_precision}")
+            f"; mixed precision: {tc.mixed_precision}"
+            f"{f' -> {accelerator.mixed_precision}' if tc.mixed_precision == 'auto' else ''}")
 
     nonfinite = NonFiniteSteps(device, tc.nan_patience,
                                int(point.state.get("nonfinite_steps", 0)) if point else 0)
