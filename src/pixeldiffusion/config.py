@@ -76,15 +76,45 @@ class ModelConfig:
                                    "only (TF 'SAME', the released DDPM models)")
 
 
+FORMULATIONS = ("ddpm", "edm", "flow")  # formulations.FORMULATIONS (a test keeps them equal)
+
+
 @dataclass
 class DiffusionConfig:
-    timesteps: int = _opt(1000, low=2, high=100_000, doc="T, the number of noise levels")
-    beta_schedule: str = _opt("linear", choices=("linear", "cosine", "sigmoid"))
-    beta_start: float = _opt(1e-4, low=1e-8, high=0.5, doc="linear/sigmoid: beta_1")
-    beta_end: float = _opt(0.02, low=1e-6, high=0.999, doc="linear/sigmoid: beta_T")
-    prediction: str = _opt("eps", choices=("eps", "x0", "v"), doc="what the network predicts")
-    loss: str = _opt("l2", choices=("l2", "l1"))
-    min_snr_gamma: float = _opt(5.0, low=0.0, high=1000.0, doc="min-SNR-gamma weighting; 0 = off")
+    formulation: str = _opt("ddpm", choices=FORMULATIONS, doc="ddpm (Ho et al. 2020), edm "
+                            "(Karras et al. 2022) or flow matching (Lipman et al. 2023); "
+                            "docs/formulations.md")
+    timesteps: int = _opt(1000, low=2, high=100_000, doc="T, the number of noise levels (edm, "
+                          "flow: of the sampling table)")
+    beta_schedule: str = _opt("linear", choices=("linear", "cosine", "sigmoid"), doc="ddpm")
+    beta_start: float = _opt(1e-4, low=1e-8, high=0.5, doc="ddpm, linear/sigmoid: beta_1")
+    beta_end: float = _opt(0.02, low=1e-6, high=0.999, doc="ddpm, linear/sigmoid: beta_T")
+    prediction: str = _opt("eps", choices=("eps", "x0", "v"), doc="what the network predicts: "
+                           "ddpm eps, x0 or v; flow v or x0; edm: fixed by its preconditioning")
+    loss: str = _opt("l2", choices=("l2", "l1"), doc="ddpm")
+    min_snr_gamma: float = _opt(5.0, low=0.0, high=1000.0, doc="ddpm: min-SNR-gamma weighting; "
+                                "0 = off")
+    sigma_min: float = _opt(0.002, low=1e-6, high=1e4, doc="edm, flow: the lowest noise level "
+                            "sampled (EDM's sigma)")
+    sigma_max: float = _opt(80.0, low=1e-5, high=1e5, doc="edm, flow: the highest noise level "
+                            "sampled (EDM's sigma; flow t = sigma / (1 + sigma))")
+    sigma_data: float = _opt(0.5, low=1e-3, high=100.0, doc="edm: the data's standard deviation")
+    p_mean: float = _opt(-1.2, low=-20.0, high=20.0, doc="edm: mean of ln sigma in training")
+    p_std: float = _opt(1.2, low=1e-3, high=20.0, doc="edm: std of ln sigma in training")
+    t_mean: float = _opt(0.0, low=-20.0, high=20.0, doc="flow: logit-normal t, mean of logit(t)")
+    t_std: float = _opt(1.0, low=1e-3, high=20.0, doc="flow: logit-normal t, std of logit(t)")
+    shift: float = _opt(1.0, low=1e-3, high=1000.0, doc="flow: time shift t' = s t / (1 + "
+                        "(s - 1) t) in training and sampling; > 1 = noisier (larger images)")
+    ot: bool = _opt(False, doc="flow: pair noise and images by minibatch optimal transport")
+
+
+# The keys a formulation reads beyond timesteps; the others must keep their defaults with it.
+FORMULATION_KEYS = {
+    "ddpm": ("beta_schedule", "beta_start", "beta_end", "prediction", "loss", "min_snr_gamma"),
+    "edm": ("sigma_min", "sigma_max", "sigma_data", "p_mean", "p_std"),
+    "flow": ("prediction", "sigma_min", "sigma_max", "t_mean", "t_std", "shift", "ot"),
+}
+PREDICTIONS_OF = {"ddpm": ("eps", "x0", "v"), "flow": ("v", "x0")}
 
 
 @dataclass
@@ -439,6 +469,7 @@ def _check_consistency(cfg: Config) -> None:
             cfg.diffusion.beta_start >= cfg.diffusion.beta_end:
         raise ConfigError("config key 'diffusion.beta_start' must be smaller than "
                           "'diffusion.beta_end'")
+    _check_formulation(cfg.diffusion)
     if m.class_names and len(m.class_names) != m.num_classes:
         raise ConfigError(f"config key 'model.class_names' lists {len(m.class_names)} names but "
                           f"model.num_classes is {m.num_classes}; give one name per class")
@@ -449,6 +480,28 @@ def _check_consistency(cfg: Config) -> None:
     if cfg.sample.steps > cfg.diffusion.timesteps:
         raise ConfigError(f"config key 'sample.steps' ({cfg.sample.steps}) must be at most "
                           f"diffusion.timesteps ({cfg.diffusion.timesteps})")
+
+
+def _check_formulation(d: DiffusionConfig) -> None:
+    """The keys of other formulations keep their defaults; the prediction fits the formulation;
+    the sampling table's noise levels are ordered."""
+    own, defaults = FORMULATION_KEYS[d.formulation], DiffusionConfig()
+    for key in (f.name for f in dataclasses.fields(DiffusionConfig)):
+        if key in own or key in ("formulation", "timesteps"):
+            continue
+        if getattr(d, key) != getattr(defaults, key):
+            users = [f for f, keys in FORMULATION_KEYS.items() if key in keys]
+            raise ConfigError(f"config key 'diffusion.{key}' applies to formulation "
+                              f"{' and '.join(users)} only, not {d.formulation}; remove it or "
+                              f"set diffusion.formulation {users[0]}")
+    allowed = PREDICTIONS_OF.get(d.formulation)
+    if allowed and d.prediction not in allowed:
+        raise ConfigError(f"config key 'diffusion.prediction' must be one of "
+                          f"{', '.join(allowed)} with formulation {d.formulation}; got "
+                          f"'{d.prediction}' (set --diffusion.prediction {allowed[0]})")
+    if d.sigma_min >= d.sigma_max:
+        raise ConfigError(f"config key 'diffusion.sigma_min' ({d.sigma_min:g}) must be smaller "
+                          f"than 'diffusion.sigma_max' ({d.sigma_max:g})")
 
 
 def from_dict(raw: dict[str, Any], base: Config | None = None) -> Config:
