@@ -13,7 +13,8 @@ from conftest import free_port
 from pixeldiffusion.checkpoint import list_checkpoints
 from pixeldiffusion.config import load_config
 from pixeldiffusion.errors import PixelDiffusionError
-from pixeldiffusion.train import TrainingDiverged, ema_decay_at, ema_update, lr_factor, train
+from pixeldiffusion.run import train
+from pixeldiffusion.train import TrainingDiverged, ema_decay_at, ema_update, lr_factor
 
 
 def _weights(result):
