@@ -39,6 +39,10 @@ def wandb_records(path: Path):
             pieces = b""
 
 
+def _key(item) -> str:
+    return item.key or "/".join(item.nested_key)
+
+
 def test_wandb_offline_run_holds_the_logged_loss_config_and_run_dir(tmp_path, tiny_args,
                                                                     monkeypatch):
     pytest.importorskip("wandb")
@@ -51,18 +55,17 @@ def test_wandb_offline_run_holds_the_logged_loss_config_and_run_dir(tmp_path, ti
     train(cfg, tmp_path / "run", progress=False, log=lambda _: None)
     (path,) = tmp_path.glob("wandb/offline-run-*/run-*.wandb")
     records = list(wandb_records(path))
-    history = [(r.history.step.num, {i.key: json.loads(i.value_json) for i in r.history.item})
+    history = [(r.history.step.num, {_key(i): json.loads(i.value_json) for i in r.history.item})
                for r in records if r.WhichOneof("record_type") == "history"]
     assert [step for step, _ in history] == [2, 4]  # train.log_every 2, train.steps 4
     for _, scalars in history:
         assert math.isfinite(scalars["train/loss"]) and 0 < scalars["train/loss"] < 10
         assert scalars["train/lr"] == pytest.approx(cfg.train.lr)
-    config = {u.key: json.loads(u.value_json) for r in records
-              if r.WhichOneof("record_type") == "config" for u in r.config.update}
-    assert config["train"]["logger"] == "wandb" and config["model"]["channels"] == 8
-    assert config["run_dir"] == str((tmp_path / "run").resolve())
     run = next(r.run for r in records if r.WhichOneof("record_type") == "run")
     assert run.project == "pd-test" and run.display_name == "run"
+    config = {_key(u): json.loads(u.value_json) for u in run.config.update}
+    assert config["train"] == cfg.to_dict()["train"] and config["model"]["channels"] == 8
+    assert config["run_dir"] == str((tmp_path / "run").resolve())
     assert not (tmp_path / "run" / "tensorboard").exists()
 
 
