@@ -5,8 +5,8 @@ the sampling and metric code, sample grids (train.sample_every) and the quality 
     from pixeldiffusion.run import default_hooks, train
     train(cfg, "runs/digits")                       # as the CLI does (pd.train is this)
 
-    from pixeldiffusion import train as loop        # the loop alone, or with hooks of your own
-    loop.train(cfg, "runs/x", hooks=[*default_hooks(cfg), loop.Hook(100, my_hook)])
+    from pixeldiffusion.train import Hook, train    # the loop alone, or with hooks of your own
+    train(cfg, "runs/x", hooks=[*default_hooks(cfg), Hook(100, my_hook)])
 """
 
 from __future__ import annotations
@@ -14,16 +14,16 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from . import train as loop
 from .config import Config
 from .generate import generate
 from .images import save_grid
 from .train import Hook, TrainResult, TrainState
+from .train import train as train_loop
 
 
 def train(cfg: Config, run_dir: str | Path | None = None, **kwargs: Any) -> TrainResult:
     """``train.train`` with ``default_hooks(cfg)``; the keyword arguments are that function's."""
-    return loop.train(cfg, run_dir, hooks=default_hooks(cfg), **kwargs)
+    return train_loop(cfg, run_dir, hooks=default_hooks(cfg), **kwargs)
 
 
 def default_hooks(cfg: Config) -> list[Hook]:

@@ -78,7 +78,7 @@ class TrainingDiverged(PixelDiffusionError):
 @dataclass
 class TrainResult:
     run_dir: Path
-    checkpoint: Path | None  # the final checkpoint (None on processes other than the main one)
+    checkpoint: Path | None  # the final checkpoint (on the main process)
     grid: Path | None        # the final sample grid, when a hook wrote one
     step: int
 
@@ -287,8 +287,9 @@ def train(cfg: Config, run_dir: str | Path | None = None, *, resume: str | None 
     """Train ``cfg`` into ``run_dir``; ``resume`` is None, "auto" or a checkpoint path.
 
     The loop itself logs the loss and writes checkpoints; ``hooks`` add periodic work
-    (``run.default_hooks(cfg)``: sample grids and the quality score, as ``pixeldiffusion train``
-    and ``pixeldiffusion.train`` do). ``loss_fn`` defaults to ``ddpm_loss(cfg)``. The main process
+    (``run.default_hooks(cfg)``: sample grids and the quality score, which ``pixeldiffusion
+    train`` and ``pd.train``, i.e. ``run.train``, add). ``loss_fn`` defaults to
+    ``ddpm_loss(cfg)``. The main process
     holds ``run_dir/train.lock`` throughout, so a second run pointed at the same directory is
     refused while this one lives (see ``checkpoint.run_lock``).
     """
