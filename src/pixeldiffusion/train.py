@@ -338,9 +338,8 @@ def _loop(state: TrainState, hooks: Sequence[Hook], progress: bool) -> None:
             if due:
                 _run_hooks(state, due)
                 bar.set_postfix(state.postfix, refresh=False)
-    _run_hooks(state, hooks)  # the end: the last loss line, checkpoint, grid and score
-    bar.set_postfix(state.postfix, refresh=False)
     bar.close()
+    _run_hooks(state, hooks)  # the end: the last loss line, checkpoint, grid and score
 
 
 def train_step(state: TrainState, x: Tensor, y: Tensor) -> tuple[Tensor, Tensor]:
