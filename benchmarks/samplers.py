@@ -28,7 +28,8 @@ from collections.abc import Callable
 import torch
 from torch import Tensor
 
-from pixeldiffusion.samplers import calibrated_timesteps, make_denoiser, nfe_of, sample
+from pixeldiffusion.optimal_steps import calibrated_timesteps
+from pixeldiffusion.samplers import make_denoiser, nfe_of, sample
 from pixeldiffusion.schedule import alphas_cumprod_at, alphas_cumprod_from_betas, linear_betas
 
 T = 1000

@@ -1,4 +1,5 @@
-"""One grid per sampler at 10 model calls, side by side, from the same noise: the README picture.
+"""One grid per sampler at 10 model calls, side by side, from the same noise: the picture
+docs/samplers_10nfe.png.
 
     python scripts/samplers_10nfe.py -cp runs/digits -o docs/samplers_10nfe.png
 

@@ -8,6 +8,7 @@ otherwise show from outside: its final in-memory raw and EMA weights, the sum of
 trained on, and every file-writing call it made. Results go to OUT_DIR/rank<r>-*.
 """
 
+import importlib
 import json
 import sys
 from pathlib import Path
@@ -15,9 +16,10 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
-import pixeldiffusion.run as run_module
-import pixeldiffusion.train as train_module
 from pixeldiffusion.config import load_config
+
+train_module = importlib.import_module("pixeldiffusion.train")
+run_module = importlib.import_module("pixeldiffusion.run")
 
 out = Path(sys.argv[1])
 cfg_args = sys.argv[2:]

@@ -1,11 +1,13 @@
 import json
 import pickle
+import zipfile
 
 import pytest
 import torch
 from safetensors.torch import save_file
 
 from pixeldiffusion.checkpoint import (
+    best_checkpoint,
     latest_checkpoint,
     list_checkpoints,
     load_checkpoint,
@@ -104,3 +106,93 @@ def test_a_pickle_payload_in_the_training_state_never_runs(tmp_path, tiny_config
     with pytest.raises(CheckpointError, match="could not be loaded safely"):
         load_training_state(ckpt)
     assert not marker.exists()
+
+
+def test_a_zip_bomb_state_is_refused_before_torch_load(tmp_path, tiny_config, monkeypatch):
+    """A small state.pt whose entry inflates to 256 MiB: torch.save never compresses, so the
+    sizes in the zip directory refuse it; torch.load is never reached."""
+    model, ema = _models(tiny_config)
+    ckpt = save_checkpoint(tmp_path, 1, model, ema, {"step": 1}, tiny_config)
+    with zipfile.ZipFile(ckpt / "state.pt", "w", zipfile.ZIP_DEFLATED) as archive:
+        with archive.open("state/data/0", "w", force_zip64=True) as entry:
+            zeros = bytes(2**20)
+            for _ in range(256):
+                entry.write(zeros)
+    assert (ckpt / "state.pt").stat().st_size < 2**20
+
+    def never(*args, **kwargs):
+        raise AssertionError("torch.load was called on a zip bomb")
+    monkeypatch.setattr(torch, "load", never)
+    with pytest.raises(CheckpointError, match=r"inflate to 256 MiB from a 0\.\d MiB file") as err:
+        load_training_state(ckpt)
+    assert "weights_only" not in str(err.value)
+
+
+class Opaque:
+    """An object torch.load(weights_only=True) does not rebuild."""
+
+
+def test_a_refused_pickle_never_suggests_weights_only_false(tmp_path, tiny_config):
+    model, ema = _models(tiny_config)
+    ckpt = save_checkpoint(tmp_path, 1, model, ema, {"step": 1}, tiny_config)
+    torch.save({"step": 1, "extra": Opaque()}, ckpt / "state.pt")  # not a plain value
+    with pytest.raises(CheckpointError, match="could not be loaded safely") as err:
+        load_training_state(ckpt)
+    assert "weights_only" not in str(err.value) and "never unpickled" in str(err.value)
+
+
+@pytest.mark.parametrize("pointer", ["../../elsewhere/checkpoints/step-0000001",
+                                     "/etc", "step-0000001/../../../elsewhere", "link"])
+def test_latest_and_best_never_point_outside_the_run(tmp_path, tiny_config, pointer):
+    model, ema = _models(tiny_config)
+    run = tmp_path / "run"
+    save_checkpoint(run, 1, model, ema, {}, tiny_config)
+    save_checkpoint(tmp_path / "elsewhere", 1, model, ema, {}, tiny_config)
+    root = run / "checkpoints"
+    (root / "link").symlink_to(tmp_path / "elsewhere" / "checkpoints" / "step-0000001")
+    (root / "latest").write_text(pointer + "\n")
+    with pytest.raises(CheckpointError, match="not a checkpoint directory of this run"):
+        latest_checkpoint(run)
+    with pytest.raises(CheckpointError, match="not a checkpoint directory of this run"):
+        load_checkpoint(run)
+    (root / "latest").write_text("step-0000001\n")
+    (root / "best").write_text(f"{pointer} 0.5\n")
+    with pytest.raises(CheckpointError, match="not a checkpoint directory of this run"):
+        best_checkpoint(run)
+
+
+def test_a_symlinked_step_directory_is_not_followed_out_of_the_run(tmp_path, tiny_config):
+    model, ema = _models(tiny_config)
+    save_checkpoint(tmp_path / "elsewhere", 1, model, ema, {}, tiny_config)
+    run = tmp_path / "run"
+    save_checkpoint(run, 1, model, ema, {}, tiny_config)
+    (run / "checkpoints" / "step-0000002").symlink_to(
+        tmp_path / "elsewhere" / "checkpoints" / "step-0000001")
+    (run / "checkpoints" / "latest").write_text("step-0000002\n")
+    with pytest.raises(CheckpointError, match="'step-0000002', which is not a checkpoint"):
+        load_checkpoint(run)
+
+
+def test_non_finite_weights_are_refused_unless_allowed(tmp_path, tiny_config, monkeypatch):
+    model, ema = _models(tiny_config)
+    with torch.no_grad():
+        ema.conv_out.weight[0, 0, 0, 0] = float("nan")
+        ema.conv_in.bias[0] = float("inf")
+    weights = save_checkpoint(tmp_path, 1, model, ema, {}, tiny_config) / "weights.safetensors"
+    with pytest.raises(CheckpointError, match=r"has 2 NaN/Inf values in its ema\.\* weights"):
+        load_checkpoint(weights)
+    assert torch.isfinite(load_checkpoint(weights, use_ema=False).model.conv_out.weight).all()
+    loaded = load_checkpoint(weights, allow_nonfinite=True)
+    assert loaded.model.conv_out.weight.isnan().any()
+    monkeypatch.setenv("PIXELDIFFUSION_ALLOW_NONFINITE", "1")
+    assert load_checkpoint(weights).model.conv_in.bias.isinf().any()
+
+
+def test_loaded_weights_are_trainable_float32_parameters(tmp_path, tiny_config):
+    model, ema = _models(tiny_config)
+    weights = save_checkpoint(tmp_path, 1, model, ema, {}, tiny_config) / "weights.safetensors"
+    loaded = load_checkpoint(weights).model
+    params = dict(loaded.named_parameters())
+    assert params.keys() == dict(ema.named_parameters()).keys()
+    assert all(p.dtype == torch.float32 and p.device.type == "cpu" for p in params.values())
+    assert not any(p.is_meta for p in loaded.parameters())

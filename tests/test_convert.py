@@ -3,6 +3,7 @@ compared output for output against diffusers itself."""
 
 import copy
 import json
+from dataclasses import replace
 
 import pytest
 import torch
@@ -14,6 +15,7 @@ from pixeldiffusion.cli import main  # noqa: E402
 from pixeldiffusion.config import load_config  # noqa: E402
 from pixeldiffusion.convert import from_diffusers, to_diffusers  # noqa: E402
 from pixeldiffusion.errors import CheckpointError  # noqa: E402
+from pixeldiffusion.generate import generate  # noqa: E402
 from pixeldiffusion.samplers import SAMPLERS, make_denoiser, sample  # noqa: E402
 from pixeldiffusion.schedule import alphas_cumprod_of  # noqa: E402
 from pixeldiffusion.unet import build_unet  # noqa: E402
@@ -207,3 +209,41 @@ def test_imported_model_samples_through_the_cli(tmp_path):
     assert main(["sample", "-cp", str(tmp_path / "m.safetensors"), "--sampler", "ddim",
                  "--steps", "3", "-bs", "2", "-sp", str(grid), "--device", "cpu"]) == 0
     assert grid.is_file()
+
+
+def test_exported_pipeline_reproduces_our_samples_with_the_same_seed(tmp_path, tiny_args):
+    """``DDPMPipeline(...)(batch_size=N, num_inference_steps=S, generator=manual_seed(seed))`` is
+    ``pixeldiffusion sample --steps S --seed seed -bs N`` with the default ddpm sampler and
+    uniform (trailing) spacing: same noise, same timesteps, same images."""
+    cfg = load_config(None, tiny_args)
+    model = build_unet(cfg.model, in_channels=cfg.data.channels, image_size=cfg.data.image_size)
+    _randomize(model, 2)
+    save_checkpoint(tmp_path / "run", 1, model, copy.deepcopy(model), {}, cfg)
+    assert main(["convert", "--to-diffusers", str(tmp_path / "run"), str(tmp_path / "out")]) == 0
+    scheduler = json.loads((tmp_path / "out/scheduler/scheduler_config.json").read_text())
+    assert scheduler["timestep_spacing"] == "trailing"
+
+    loaded = load_checkpoint(tmp_path / "run")
+    assert (loaded.config.sample.sampler, loaded.config.sample.spacing) == ("ddpm", "uniform")
+    sample_cfg = replace(loaded.config.sample, steps=20, seed=5, n_samples=2, batch_size=2)
+    ours = generate(loaded.model, replace(loaded.config, sample=sample_cfg),
+                    torch.device("cpu")).images
+    pipe = diffusers.DDPMPipeline.from_pretrained(tmp_path / "out")
+    pipe.set_progress_bar_config(disable=True)
+    theirs = pipe(batch_size=2, num_inference_steps=20, output_type="np",
+                  generator=torch.Generator().manual_seed(5)).images   # [N, H, W, C] in [0, 1]
+    diff = float(((ours.permute(0, 2, 3, 1) + 1) / 2 - torch.from_numpy(theirs)).abs().max())
+    print(f"20-step samples, ours vs the exported DDPMPipeline: max abs difference {diff:.1e}")
+    assert diff < 1e-4
+
+
+def test_the_unet_runs_in_float64_and_agrees_with_float32(tmp_path, tiny_args):
+    cfg = load_config(None, tiny_args)
+    model = build_unet(cfg.model, in_channels=1, image_size=32)
+    _randomize(model, 3)
+    x, t = _inputs(channels=1, size=32)
+    with torch.no_grad():
+        single = model.eval()(x, t)
+        double = copy.deepcopy(model).double()(x.double(), t)
+    assert double.dtype == torch.float64
+    torch.testing.assert_close(double.float(), single, rtol=1e-4, atol=1e-4)

@@ -32,6 +32,8 @@ from pixeldiffusion.data import (
     random_hflip,
 )
 from pixeldiffusion.errors import DataError
+from pixeldiffusion.files import temp_path_of
+from pixeldiffusion.images import uint8_to_float
 
 
 def value(pixel: float) -> float:
@@ -323,7 +325,7 @@ def test_download_good_md5(tmp_path):
     dest = tmp_path / "cache" / "file.bin"
     assert download(["http://127.0.0.1:9/x", source.as_uri()], dest, md5) == dest
     assert dest.read_bytes() == source.read_bytes()
-    assert not dest.with_name("file.bin.part").exists()
+    assert not temp_path_of(dest).exists()
     source.unlink()
     assert download(source.as_uri(), dest, md5) == dest  # present and correct: not fetched again
 
@@ -335,7 +337,7 @@ def test_download_bad_md5(tmp_path):
     actual = hashlib.md5(b"pixels").hexdigest()
     with pytest.raises(DataError, match=f"file.bin.*{actual}.*{'0' * 32}"):
         download(source.as_uri(), dest, "0" * 32)
-    assert not dest.exists() and not dest.with_name("file.bin.part").exists()
+    assert not dest.exists() and not temp_path_of(dest).exists()
 
 
 def test_download_unreachable(tmp_path):
@@ -436,7 +438,7 @@ def test_make_loader_in_memory_is_fast():
     check_images(x, (64, 3, 32, 32))
     assert y.dtype == torch.long and y.shape == (64,)
     first = EpochBatchSampler(1000, 64, seed=0).global_batch(0)
-    assert torch.equal(x, data.to_float(images[first]))
+    assert torch.equal(x, uint8_to_float(images[first]))
     resumed = next(iter(make_loader(ds, 64, seed=0, start=49)))
     assert torch.equal(resumed[0], batches[49][0])
 

@@ -11,6 +11,7 @@ minutes of compilation on the 2-core test machine, so the compiled-vs-eager chec
 from __future__ import annotations
 
 import copy
+import importlib
 import os
 
 import pytest
@@ -250,7 +251,7 @@ def test_cuda_graph_outputs_are_copied_before_samplers_keep_them(monkeypatch) ->
     next replay overwrites; ``sampling_network`` must hand the sampler a copy. Checked with a
     stand-in for torch.compile that reuses one output buffer the way a graph does (no GPU
     needed: only the wrapper's logic is under test)."""
-    from pixeldiffusion import generate as generate_module
+    generate_module = importlib.import_module("pixeldiffusion.generate")
 
     options = []
 

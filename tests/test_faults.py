@@ -10,6 +10,7 @@ real CLI entry point, ``pixeldiffusion.cli.main``, in ``python -c`` after patchi
 """
 
 import errno
+import importlib
 import io
 import os
 import shutil
@@ -266,7 +267,7 @@ def test_a_really_full_disk_tmpfs(tmp_path, tiny_args, tiny_config):
 
 def test_nan_steps_are_skipped_exactly_and_counted(tmp_path, tiny_args, monkeypatch):
     """A NaN loss at step 3 leaves weights, EMA and AdamW's moments exactly as after step 2."""
-    import pixeldiffusion.train as train_module
+    train_module = importlib.import_module("pixeldiffusion.train")
     real_loss, calls = train_module.training_loss, []
 
     def nan_at_step_3(*args, **kwargs):
@@ -301,7 +302,8 @@ def test_nan_patience_stops_the_run_naming_the_cause_and_the_last_good_checkpoin
     interval (step 8) through the real CLI, and every checkpoint on disk is finite."""
     run = tmp_path / "run"
     fault = """
-        import pixeldiffusion.train as train_module
+        import importlib
+        train_module = importlib.import_module("pixeldiffusion.train")
         real_loss, calls = train_module.training_loss, []
         def nan_from_step_5(*args, **kwargs):
             calls.append(1)

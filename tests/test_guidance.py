@@ -1,6 +1,7 @@
 """Classifier-free guidance: the formula, one batched forward pass, label dropout, class choice,
 and a tiny conditional model trained and sampled through the CLI."""
 
+import importlib
 import math
 
 import numpy as np
@@ -8,7 +9,6 @@ import pytest
 import torch
 from PIL import Image
 
-from pixeldiffusion import train as train_module
 from pixeldiffusion.cli import main
 from pixeldiffusion.config import load_config
 from pixeldiffusion.diffusion import x0_eps_from_output
@@ -20,10 +20,16 @@ from pixeldiffusion.guidance import (
     guided_model,
     parse_class,
     sampling_labels,
-    sigma_of,
 )
 from pixeldiffusion.samplers import SAMPLERS, sample
-from pixeldiffusion.schedule import alphas_cumprod_from_betas, alphas_cumprod_of, make_betas
+from pixeldiffusion.schedule import (
+    alphas_cumprod_from_betas,
+    alphas_cumprod_of,
+    make_betas,
+    sigma_of,
+)
+
+train_module = importlib.import_module("pixeldiffusion.train")
 
 
 class ToyConditional(torch.nn.Module):

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from pixeldiffusion.optimal_steps import _cheapest_path, optimal_timesteps
+from pixeldiffusion.optimal_steps import _cheapest_path, calibrated_timesteps, optimal_timesteps
 from pixeldiffusion.samplers import SAMPLERS, make_denoiser, sample
 from pixeldiffusion.schedule import (
     alphas_cumprod_at,
@@ -75,7 +75,7 @@ def test_optimal_spacing_beats_the_best_fixed_spacing_on_a_mixture():
         assert errors["optimal"] < most * errors["logsnr"], (steps, errors)
 
 
-def test_sample_with_optimal_spacing_calls_the_fit_then_exactly_its_timesteps():
+def test_calibrated_timesteps_then_sample_calls_the_fit_then_exactly_its_timesteps():
     model_calls = []
 
     def model(x_t, t):
@@ -83,7 +83,8 @@ def test_sample_with_optimal_spacing_calls_the_fit_then_exactly_its_timesteps():
         return 0.1 * x_t
 
     x_T = torch.randn(3, 1, 4, 4, generator=torch.Generator().manual_seed(0))
-    sample(model, x_T, ABAR, sampler="unipc", steps=6, spacing="optimal")
+    spacing = calibrated_timesteps(make_denoiser(model, ABAR), x_T, ABAR, 6, sampler="unipc")
+    sample(model, x_T, ABAR, sampler="unipc", steps=6, spacing=spacing)
     fitted = optimal_timesteps(make_denoiser(model, ABAR), torch.randn(
         32, 1, 4, 4, generator=torch.Generator().manual_seed(0)), ABAR, 6,
         sampler=SAMPLERS["unipc"])

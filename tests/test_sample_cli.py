@@ -4,6 +4,8 @@ Runs ``cli.main`` in-process (the function the console script calls) to keep the
 tiny model is trained once for the module.
 """
 
+import functools
+
 import numpy as np
 import pytest
 import yaml
@@ -75,6 +77,34 @@ def test_an_old_config_with_skip_type_still_loads(tmp_path):
     path = tmp_path / "old.yaml"
     path.write_text(yaml.safe_dump({"sample": {"skip_type": "quadratic"}}))
     assert load_config(path).sample.spacing == "quadratic"
+
+
+@pytest.mark.parametrize("sampler", ["dpmpp_2m_sde", "euler_ancestral", "ddim"])
+def test_eta_reaches_every_sampler_that_takes_it(trained, tmp_path, sampler, monkeypatch):
+    """``--eta`` goes to each sampler with an ``eta`` option, not only DDIM: it reaches the
+    function and changes the images (unset, each keeps its own default: 1 for the ancestral /
+    SDE samplers, so --eta 0.5 differs from no --eta and from --eta 0)."""
+    seen = []
+    real = SAMPLERS[sampler]
+
+    @functools.wraps(real)  # keeps the signature, from which the sampler's options are read
+    def spy(*args, **kwargs):
+        seen.append(kwargs.get("eta"))
+        return real(*args, **kwargs)
+    monkeypatch.setitem(SAMPLERS, sampler, spy)
+    images = {}
+    for eta in (None, "0.5", "0"):
+        out = tmp_path / f"eta-{eta}"
+        extra = [] if eta is None else ["--eta", eta]
+        assert sample(trained, tmp_path, "--sampler", sampler, "--steps", "4", "--seed", "1",
+                      "--save_dir", out, *extra) == 0
+        images[eta] = np.load(out / "samples.npz")["images"]
+    assert seen == [None, 0.5, 0.0]
+    assert not np.array_equal(images["0.5"], images["0"])
+    if sampler != "ddim":  # ddim's own eta is 0
+        assert not np.array_equal(images["0.5"], images[None])
+    else:
+        assert np.array_equal(images[None], images["0"])
 
 
 def test_steps_zero_is_refused_by_the_parser(trained, tmp_path, capsys):

@@ -1,9 +1,23 @@
+import inspect
+
 import numpy as np
 import pytest
 import torch
 
+from pixeldiffusion.config import SampleConfig, load_config
 from pixeldiffusion.diffusion import target
-from pixeldiffusion.samplers import SAMPLERS, ddim, ddpm, is_stochastic, make_denoiser, sample
+from pixeldiffusion.errors import ConfigError
+from pixeldiffusion.samplers import (
+    SAMPLERS,
+    ddim,
+    ddpm,
+    ddpm_posterior,
+    default_spacing,
+    is_stochastic,
+    make_denoiser,
+    option_names,
+    sample,
+)
 from pixeldiffusion.schedule import (
     SPACINGS,
     alphas_cumprod_at,
@@ -117,16 +131,16 @@ def expected_calls(sampler, timesteps):
 
 
 @pytest.mark.parametrize("sampler", sorted(SAMPLERS))
-@pytest.mark.parametrize("steps, skip_type", [(10, "uniform"), (7, "quadratic"), (1000, "uniform")])
-def test_model_is_called_exactly_at_the_spacing_timesteps(sampler, steps, skip_type):
+@pytest.mark.parametrize("steps, spacing", [(10, "uniform"), (7, "quadratic"), (1000, "uniform")])
+def test_model_is_called_exactly_at_the_spacing_timesteps(sampler, steps, spacing):
     seen = []
 
     def model(x_t, t):
         assert t.dtype == torch.long and t.shape == (x_t.shape[0],) and (t == t[0]).all()
         seen.append(int(t[0]))
         return torch.zeros_like(x_t)
-    sample(model, torch.randn(2, 3), ABAR, sampler=sampler, steps=steps, skip_type=skip_type)
-    assert seen == expected_calls(sampler, sampling_timesteps(1000, steps, skip_type))
+    sample(model, torch.randn(2, 3), ABAR, sampler=sampler, steps=steps, spacing=spacing)
+    assert seen == expected_calls(sampler, sampling_timesteps(1000, steps, spacing))
 
 
 @pytest.mark.parametrize("sampler", sorted(SAMPLERS))
@@ -320,23 +334,48 @@ def test_float_timesteps_reach_the_model_and_integer_ones_stay_long():
     assert set(dtypes) == {torch.long}
 
 
-def test_sample_defaults_to_unipc_logsnr_10_steps_and_accepts_options():
+def test_sample_defaults_are_the_sample_sections_and_it_accepts_options():
     seen = []
 
     def model(x_t, t):
         seen.append(float(t[0]))
         return 0.1 * x_t
+    defaults = SampleConfig()
     sample(model, torch.randn(2, 2, dtype=torch.float64), ABAR)
+    assert seen == sampling_timesteps(1000, defaults.steps, default_spacing(defaults.sampler),
+                                      ABAR).tolist()
+    seen.clear()
+    sample(model, torch.randn(2, 2, dtype=torch.float64), ABAR, sampler="unipc", steps=10)
     assert seen == sampling_timesteps(1000, 10, "logsnr", ABAR).tolist()
     with pytest.raises(ValueError, match="variant"):
-        sample(model, torch.randn(2, 2), ABAR, variant="bh3")
+        sample(model, torch.randn(2, 2), ABAR, sampler="unipc", variant="bh3")
     with pytest.raises(ValueError, match="did you mean 'karras'"):
         sample(model, torch.randn(2, 2), ABAR, spacing="karas")
+    with pytest.raises(ValueError, match="optimal_steps.calibrated_timesteps"):
+        sample(model, torch.randn(2, 2), ABAR, spacing="optimal")
 
 
-def test_sampler_names_match_the_config_choices():
-    from pixeldiffusion.config import SAMPLER_NAMES
-    assert set(SAMPLER_NAMES) == set(SAMPLERS)
+def test_the_config_accepts_exactly_the_sampler_names():
+    for name in SAMPLERS:
+        assert load_config(None, ["--sample.sampler", name]).sample.sampler == name
+    with pytest.raises(ConfigError, match="did you mean 'dpmpp_2m'"):
+        load_config(None, ["--sample.sampler", "dpmpp2m"])
+
+
+def test_options_are_the_keyword_only_parameters():
+    assert option_names("ddim") == ("eta",)
+    assert option_names("ddpm") == ("var_type",)
+    assert set(option_names("euler_ancestral")) == {"eta", "s_noise"}
+    assert set(option_names("dpmpp_2m_sde")) == {"eta", "s_noise"}
+    assert set(option_names("unipc")) == {"order", "variant", "corrector", "lower_order_final"}
+    assert option_names("dpmpp_2m") == ()
+    for name in SAMPLERS:  # every option of every sampler is accepted by it
+        denoise = make_denoiser(point_mass_model(0.1, "eps"), ABAR)
+        parameters = inspect.signature(SAMPLERS[name]).parameters
+        options = {key: parameters[key].default for key in option_names(name)}
+        SAMPLERS[name](denoise, torch.randn(2, 2), sampling_timesteps(1000, 3), ABAR, **options)
+    with pytest.raises(ValueError, match="unknown sampler 'dim'; did you mean 'ddim'"):
+        option_names("dim")
 
 
 @pytest.mark.parametrize(("sampler", "options"), [
@@ -350,3 +389,22 @@ def test_is_stochastic_says_whether_two_runs_from_one_noise_differ(sampler, opti
     a, b = (sample(model, x_T, ABAR, sampler=sampler, steps=8, clip_x0=False,
                    generator=torch.Generator().manual_seed(seed), **options) for seed in (1, 2))
     assert is_stochastic(sampler, options) == (not torch.equal(a, b))
+
+
+@pytest.mark.parametrize("t, t_prev", [(500, 499), (900, 300), (10, 0)])
+def test_ddpm_posterior_is_bayes_rule_for_the_two_gaussians(t, t_prev):
+    """q(x_prev | x_t, x0) ∝ N(x_prev; sqrt(abar_prev) x0, 1 - abar_prev) N(x_t; a x_prev, b^2),
+    a^2 = abar_t / abar_prev, b^2 = 1 - a^2 (DDPM eq. 6-7, also for skipped steps)."""
+    abar_t, abar_prev = float(ABAR[t]), float(ABAR[t_prev])
+    x0, x_t = torch.tensor([0.3, -0.8], dtype=torch.float64), torch.tensor([1.2, 0.1],
+                                                                           dtype=torch.float64)
+    a2 = abar_t / abar_prev
+    precision = 1 / (1 - abar_prev) + a2 / (1 - a2)
+    mean = (abar_prev**0.5 * x0 / (1 - abar_prev) + a2**0.5 * x_t / (1 - a2)) / precision
+    got_mean, got_var = ddpm_posterior(x0, x_t, abar_t, abar_prev, "fixed_small")
+    torch.testing.assert_close(got_mean, mean, rtol=1e-10, atol=1e-12)
+    assert got_var == pytest.approx(1 / precision, rel=1e-10)
+    assert ddpm_posterior(x0, x_t, abar_t, abar_prev, "fixed_large")[1] == pytest.approx(1 - a2)
+    data_mean, data_var = ddpm_posterior(x0, x_t, abar_t, 1.0)
+    torch.testing.assert_close(data_mean, x0)
+    assert data_var == 0

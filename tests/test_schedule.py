@@ -12,7 +12,7 @@ from pixeldiffusion.schedule import (
     linear_betas,
     make_betas,
     sampling_timesteps,
-    sigmas_of,
+    sigma_of,
     sigmoid_betas,
     timestep_of_sigma,
 )
@@ -102,12 +102,12 @@ def test_every_spacing_is_strictly_decreasing_and_starts_and_ends_where_document
 
 
 def test_karras_and_logsnr_follow_their_formulas():
-    sigma = sigmas_of(alphas_cumprod_at(ABAR, sampling_timesteps(1000, 8, "karras", ABAR)))
-    lo, hi = float(sigmas_of(ABAR)[0]), float(sigmas_of(ABAR)[-1])
+    sigma = sigma_of(alphas_cumprod_at(ABAR, sampling_timesteps(1000, 8, "karras", ABAR)))
+    lo, hi = float(sigma_of(ABAR)[0]), float(sigma_of(ABAR)[-1])
     ramp = np.linspace(0, 1, 8)
     expected = (hi ** (1 / 7) + ramp * (lo ** (1 / 7) - hi ** (1 / 7))) ** 7  # EDM eq. 5
     np.testing.assert_allclose(sigma.numpy(), expected, rtol=1e-9)
-    lambda_ = -sigmas_of(alphas_cumprod_at(ABAR, sampling_timesteps(1000, 8, "logsnr", ABAR))).log()
+    lambda_ = -sigma_of(alphas_cumprod_at(ABAR, sampling_timesteps(1000, 8, "logsnr", ABAR))).log()
     np.testing.assert_allclose(np.diff(lambda_.numpy()), np.diff(lambda_.numpy())[0], rtol=1e-9)
 
 
@@ -115,10 +115,10 @@ def test_alphas_cumprod_at_is_exact_on_integers_and_interpolates_log_sigma():
     t = torch.arange(1000, dtype=torch.float64)
     assert torch.equal(alphas_cumprod_at(ABAR, t), ABAR)
     mid = alphas_cumprod_at(ABAR, torch.tensor([10.5]))
-    log_sigma = sigmas_of(ABAR).log()
+    log_sigma = sigma_of(ABAR).log()
     expected = 1 / (1 + torch.exp(log_sigma[10] + log_sigma[11]))
     torch.testing.assert_close(mid, expected.reshape(1))
-    back = timestep_of_sigma(ABAR, sigmas_of(alphas_cumprod_at(ABAR, torch.tensor([3.25, 700.9]))))
+    back = timestep_of_sigma(ABAR, sigma_of(alphas_cumprod_at(ABAR, torch.tensor([3.25, 700.9]))))
     torch.testing.assert_close(back, torch.tensor([3.25, 700.9], dtype=torch.float64))
     with pytest.raises(ValueError, match="must lie in"):
         alphas_cumprod_at(ABAR, torch.tensor([1000.0]))

@@ -33,6 +33,7 @@ from pixeldiffusion.config import load_config  # noqa: E402
 from pixeldiffusion.generate import generate  # noqa: E402
 from pixeldiffusion.samplers import SAMPLERS  # noqa: E402
 from pixeldiffusion.serve import (  # noqa: E402
+    Access,
     JobQueue,
     Limits,
     RequestError,
@@ -65,13 +66,13 @@ def runs(tmp_path_factory, tiny_args) -> dict[str, Path]:
 
 
 @contextlib.contextmanager
-def running_server(runs: dict[str, Path],
-                   limits: Limits | None = None) -> Iterator[tuple[str, JobQueue]]:
+def running_server(runs: dict[str, Path], limits: Limits | None = None,
+                   access: Access | None = None) -> Iterator[tuple[str, JobQueue]]:
     """The real app under uvicorn on a free 127.0.0.1 port, in a thread."""
-    limits = limits or Limits()
+    limits, access = limits or Limits(), access or Access()
     entries = make_entries([runs["uncond"], runs["cond"]])
     queue = JobQueue(entries, torch.device("cpu"), limits)
-    server = uvicorn.Server(uvicorn.Config(make_app(queue, limits), log_level="warning"))
+    server = uvicorn.Server(uvicorn.Config(make_app(queue, limits, access), log_level="warning"))
     sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
     sock.bind(("127.0.0.1", 0))
     thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
@@ -309,6 +310,188 @@ def test_closing_the_page_cancels_its_request_and_frees_the_queue(runs, monkeypa
         assert (kind, data["message"]) == ("error", "cancelled: the page was closed")
         after = client.post("/api/generate", json={**body, "steps": 2}).json()
         assert events_of(client, after["events"])[-1][0] == "done"
+
+
+# --- abuse: other web pages, oversized input, many streams --------------------------------------
+
+def raw_request(url: str, head: str, body: bytes = b"", timeout: float = 10.0) -> tuple[int, dict]:
+    """Send ``head`` (request line and headers, CRLF-joined, without the blank line) and
+    ``body`` over a plain socket to the server at ``url``; (status, JSON answer)."""
+    port = int(url.rsplit(":", 1)[1])
+    with socket.create_connection(("127.0.0.1", port), timeout=timeout) as sock:
+        sock.sendall(head.encode("latin-1") + b"\r\n\r\n" + body)
+        answer = b""
+        while b"\r\n\r\n" not in answer or len(answer.split(b"\r\n\r\n", 1)[1]) < \
+                _content_length(answer):
+            chunk = sock.recv(65536)
+            if not chunk:
+                break
+            answer += chunk
+    head_bytes, _, payload = answer.partition(b"\r\n\r\n")
+    return int(head_bytes.split()[1]), json.loads(payload or b"{}")
+
+
+def _content_length(answer: bytes) -> int:
+    for line in answer.split(b"\r\n\r\n", 1)[0].split(b"\r\n"):
+        if line.lower().startswith(b"content-length:"):
+            return int(line.split(b":", 1)[1])
+    return 1 << 30
+
+
+def test_other_sites_cannot_drive_the_server(runs):
+    """DNS rebinding (a foreign Host), a cross-site form or fetch (Origin, Sec-Fetch-Site) and
+    a text/plain POST (which needs no CORS preflight) are refused on every route; nothing runs."""
+    body = {"checkpoint": str(runs["uncond"]), "steps": 2, "batch": 1}
+    with running_server(runs) as (url, queue), httpx.Client(base_url=url) as client:
+        port = url.rsplit(":", 1)[1]
+        for path in ("/", "/api/options", "/api/status", "/api/jobs/x/events"):
+            rebound = client.get(path, headers={"Host": f"attacker.example:{port}"})
+            assert rebound.status_code == 403, path
+            assert "not to host 'attacker.example:" in rebound.json()["error"]
+            assert str(runs["uncond"]) not in rebound.text
+        foreign = {"Origin": "http://attacker.example"}
+        assert client.post("/api/generate", json=body, headers=foreign).status_code == 403
+        assert client.get("/api/options", headers=foreign).status_code == 403
+        assert client.post("/api/generate", json=body,
+                           headers={"Origin": "null"}).status_code == 403
+        assert client.get("/api/options",
+                          headers={"Sec-Fetch-Site": "cross-site"}).status_code == 403
+        assert client.get("/api/options",
+                          headers={"Sec-Fetch-Site": "same-site"}).status_code == 403
+        plain = client.post("/api/generate", content=json.dumps(body),
+                            headers={"Content-Type": "text/plain"})
+        form = client.post("/api/generate", data={"steps": "2"})
+        assert (plain.status_code, form.status_code) == (415, 415)
+        assert "Content-Type: application/json" in plain.json()["error"]
+        assert not queue.jobs                                    # nothing was queued
+        # the page itself, by any loopback name, still works
+        for host in (f"localhost:{port}", f"[::1]:{port}", f"127.0.0.1:{port}"):
+            assert client.get("/api/status", headers={"Host": host}).status_code == 200
+        same = client.post("/api/generate", json=body,
+                           headers={"Origin": url, "Sec-Fetch-Site": "same-origin"})
+        assert same.status_code == 202
+
+
+def test_oversized_nested_and_malformed_bodies_get_a_short_400_or_413(runs):
+    with running_server(runs) as (url, queue):
+        post = "POST /api/generate HTTP/1.1\r\nHost: 127.0.0.1\r\n" \
+               "Content-Type: application/json\r\nConnection: close"
+        # 300 MB announced: answered at once, without waiting for (or reading) the body
+        started = time.monotonic()
+        status, answer = raw_request(url, f"{post}\r\nContent-Length: {300 * 2**20}")
+        assert (status, answer["error"]) == (413, "the request body is longer than 4096 bytes")
+        assert time.monotonic() - started < 5
+        # no length announced (chunked): counted while reading, refused after 4 KB
+        chunk = b"[" * 60000
+        status, answer = raw_request(url, f"{post}\r\nTransfer-Encoding: chunked",
+                                     f"{len(chunk):x}\r\n".encode() + chunk + b"\r\n")
+        assert status == 413
+        # deeply nested within the limit: a 400, not a RecursionError
+        nested = b"[" * 2000 + b"]" * 2000
+        status, answer = raw_request(url, f"{post}\r\nContent-Length: {len(nested)}", nested)
+        assert (status, answer["error"]) == (400, "the request body must be JSON, an object of "
+                                                  "parameters; it is nested too deeply")
+        for bad in (b"\xff\xfe{", b'{"steps": ', b"null"):
+            status, answer = raw_request(url, f"{post}\r\nContent-Length: {len(bad)}", bad)
+            assert status == 400 and len(answer["error"]) < 120
+        # a long unknown key is echoed only in part
+        long_key = json.dumps({"x" * 3000: 1}).encode()
+        status, answer = raw_request(url, f"{post}\r\nContent-Length: {len(long_key)}",
+                                     long_key)
+        assert status == 400 and answer["error"].startswith("unknown parameter 'xxx")
+        assert answer["error"].count("x") < 60 and len(answer["error"]) < 200
+        for value in ("y" * 3000, [[["deep"]]], {"a": 1}):
+            status, answer = raw_request(url, f"{post}\r\nContent-Length: "
+                                              f"{len(json.dumps({'sampler': value}))}",
+                                         json.dumps({"sampler": value}).encode())
+            assert status == 400 and len(answer["error"]) < 300, answer
+        assert not queue.jobs
+        assert httpx.get(url + "/api/status").json() == {"running": None, "queued": 0}
+
+
+def test_many_event_streams_are_capped_and_other_pages_stay_fast(runs, monkeypatch):
+    gate = Gate(monkeypatch)
+    limits = Limits(max_streams_per_job=3, max_streams=5)
+    body = {"checkpoint": str(runs["uncond"]), "steps": 4, "batch": 1}
+    with running_server(runs, limits) as (url, queue), httpx.Client(base_url=url) as client:
+        first = client.post("/api/generate", json=body).json()
+        second = client.post("/api/generate", json={**body, "seed": 2}).json()
+        port = int(url.rsplit(":", 1)[1])
+        sockets, statuses = [], []
+        try:
+            for job in [first] * 40 + [second] * 10:               # 50 live-update connections
+                sock = socket.create_connection(("127.0.0.1", port), timeout=10)
+                sock.sendall(f"GET {job['events']} HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n".encode())
+                statuses.append(int(sock.recv(4096).split()[1]))
+                sockets.append(sock)
+            # 3 watch the first job, 2 the second (5 in all); the other 45 were told 429
+            assert statuses.count(200) == 5 and statuses.count(429) == 45
+            assert statuses[:3] == [200] * 3 and statuses[40:42] == [200] * 2
+            started = time.monotonic()
+            assert client.get("/").status_code == 200
+            assert client.get("/api/options").status_code == 200
+            assert time.monotonic() - started < 2.0
+        finally:
+            for sock in sockets:
+                sock.close()
+        gate.release()
+        # with every stream gone, both jobs were cancelled and the queue is free again
+        wait_until(lambda: all(queue.jobs[j["job"]].finished for j in (first, second)))
+        assert [queue.jobs[j["job"]].events[-1][0] for j in (first, second)] == ["error"] * 2
+        after = client.post("/api/generate", json=body).json()
+        assert events_of(client, after["events"])[-1][0] == "done"
+
+
+def test_a_job_nobody_watches_is_cancelled_and_leaves_the_queue(runs, monkeypatch):
+    """Blind POSTs (no events stream) cannot keep the queue full: once unwatched for
+    ``unwatched_s`` (aged here by moving their last_listened back), a waiting one is dropped at
+    the next submit and the running one stops at its next step."""
+    gate = Gate(monkeypatch)
+    limits = Limits(max_queue=1, unwatched_s=30.0)
+    body = {"checkpoint": str(runs["uncond"]), "steps": 5, "batch": 1}
+    with running_server(runs, limits) as (url, queue), httpx.Client(base_url=url) as client:
+        running = client.post("/api/generate", json=body).json()
+        gate.entered.wait(timeout=20)
+        waiting = client.post("/api/generate", json=body).json()
+        assert client.post("/api/generate", json=body).status_code == 503  # fresh: it waits
+        for job in (running, waiting):
+            queue.jobs[job["job"]].last_listened -= 31.0
+        watched = client.post("/api/generate", json={**body, "seed": 3})
+        assert watched.status_code == 202
+        assert queue.jobs[waiting["job"]].events[-1] == (
+            "error", {"message": "cancelled: nobody watched it for 30 s (open its events "
+                                 "stream)"})
+        gate.release()
+        wait_until(lambda: queue.jobs[running["job"]].finished)
+        assert queue.jobs[running["job"]].events[-1][1]["message"].startswith(
+            "cancelled: nobody watched it")
+        assert events_of(client, watched.json()["events"])[-1][0] == "done"
+
+
+def test_a_server_with_a_token_refuses_requests_without_it(runs):
+    access = Access(token="s3cret-token")
+    with running_server(runs, access=access) as (url, _), httpx.Client(base_url=url) as client:
+        assert client.get("/").status_code == 403
+        assert "needs its token" in client.get("/api/options").json()["error"]
+        assert client.get("/?token=wrong").status_code == 403
+        page = client.get("/?token=s3cret-token")
+        assert page.status_code == 200 and "HttpOnly" in page.headers["set-cookie"]
+        assert client.get("/api/options").status_code == 200      # the cookie carries it now
+        bare = httpx.get(url + "/api/status", headers={"Authorization": "token s3cret-token"})
+        assert bare.status_code == 200
+
+
+def test_serve_on_a_public_address_prints_a_token_url(runs, monkeypatch, capsys):
+    called = {}
+    monkeypatch.setattr(uvicorn, "run", lambda app, **kwargs: called.update(kwargs, app=app))
+    assert main(["serve", "-cp", str(runs["uncond"]), "--device", "cpu",
+                 "--host", "0.0.0.0"]) == 0
+    printed = capsys.readouterr().out
+    token = printed.split("?token=")[1].split()[0]
+    assert len(token) >= 32 and called["app"].access.token == token
+    assert called["app"].access.any_ip and "0.0.0.0" in called["app"].access.hosts
+    assert main(["serve", "-cp", str(runs["uncond"]), "--device", "cpu"]) == 0
+    assert "token" not in capsys.readouterr().out and called["app"].access.token is None
 
 
 # --- the command line --------------------------------------------------------------------------

@@ -8,6 +8,8 @@
 from __future__ import annotations
 
 import importlib
+import sys
+import types
 from typing import Any
 
 __version__ = "0.1.0"
@@ -26,3 +28,19 @@ def __getattr__(name: str) -> Any:
     if name in _EXPORTS:
         return getattr(importlib.import_module(f".{_EXPORTS[name]}", __name__), name)
     raise AttributeError(f"module 'pixeldiffusion' has no attribute '{name}'")
+
+
+class _Package(types.ModuleType):
+    """This package's module type. Importing a submodule binds it as an attribute of its
+    package, so once ``pixeldiffusion.generate`` (or ``.train``) is imported, ``pd.generate``
+    would be that module and ``__getattr__`` never asked again. A public name shared with a
+    submodule keeps meaning the function: the binding is refused. The submodule itself stays
+    reachable as ``importlib.import_module("pixeldiffusion.generate")``."""
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        if name in _EXPORTS and isinstance(value, types.ModuleType):
+            return
+        super().__setattr__(name, value)
+
+
+sys.modules[__name__].__class__ = _Package

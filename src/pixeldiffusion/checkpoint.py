@@ -16,6 +16,12 @@ as the newest. Rotation keeps the newest ``keep_last`` plus the one ``best`` nam
 unpickled: weights load with safetensors, the training state with
 ``torch.load(weights_only=True)``; ``find_resumable`` skips a corrupt newest checkpoint for the
 newest one that loads.
+
+A checkpoint is checked before anything is allocated for it (docs/security.md): its metadata
+config must pass ``config.check_architecture`` (which bounds the model's size), the tensor shapes
+in the safetensors header must be the ones that config builds (compared on the meta device), a
+``state.pt`` must not inflate beyond its size on disk, ``latest`` and ``best`` must name a
+checkpoint directory of the run, and weights with NaN/Inf values are refused.
 """
 
 from __future__ import annotations
@@ -23,8 +29,10 @@ from __future__ import annotations
 import errno
 import json
 import os
+import re
 import shutil
 import socket
+import zipfile
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -38,13 +46,16 @@ from torch import nn
 
 from . import __version__
 from .config import Config, from_dict
-from .errors import CheckpointError, PixelDiffusionError
+from .errors import CheckpointError, ConfigError, PixelDiffusionError
+from .files import write_text_atomic
 from .unet import UNet, build_unet
 
 FORMAT = "pixeldiffusion/1"
 WEIGHTS, STATE, LATEST, BEST = "weights.safetensors", "state.pt", "latest", "best"
 LOCK = "train.lock"
 DISK_FULL = (errno.ENOSPC, errno.EDQUOT)
+CHECKPOINT_NAME = re.compile(r"step-\d{7,}")  # what latest / best may name
+ALLOW_NONFINITE_ENV = "PIXELDIFFUSION_ALLOW_NONFINITE"
 
 
 def _fsync_dir(path: Path) -> None:
@@ -53,15 +64,6 @@ def _fsync_dir(path: Path) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
-
-
-def _write_atomic_text(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    with open(tmp, "w") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
 
 
 def _state_dict_cpu(model: nn.Module) -> dict[str, torch.Tensor]:
@@ -107,14 +109,11 @@ def save_checkpoint(run_dir: str | Path, step: int, model: nn.Module, ema: nn.Mo
     os.replace(tmp, final)
     _fsync_dir(root)
     try:
-        _write_atomic_text(root / LATEST, final.name + "\n")
+        write_text_atomic(root / LATEST, final.name + "\n")
         if score is not None and score == score and score < best_checkpoint(run_dir)[1]:
-            _write_atomic_text(root / BEST, f"{final.name} {score!r}\n")
-    except OSError as err:
-        free = shutil.disk_usage(root).free
-        for name in (LATEST, BEST):
-            root.joinpath(f".{name}.tmp").unlink(missing_ok=True)
-        raise _write_error(root, final, err, free) from None
+            write_text_atomic(root / BEST, f"{final.name} {score!r}\n")
+    except OSError as err:  # atomic_write has removed its temporary file
+        raise _write_error(root, final, err, shutil.disk_usage(root).free) from None
     prune_checkpoints(run_dir, keep_last)
     return final
 
@@ -137,16 +136,38 @@ def _write_error(root: Path, final: Path, err: BaseException, free: int) -> Chec
                            f"pixeldiffusion train -e {root.parent} --resume auto")
 
 
+def _read_pointer(pointer: Path) -> str | None:
+    """The text of a ``latest`` / ``best`` file (its first 256 bytes), or None if unreadable."""
+    try:
+        with open(pointer, encoding="utf-8", errors="replace") as f:
+            return f.read(256)
+    except OSError:
+        return None
+
+
+def _pointed(pointer: Path, name: str) -> Path:
+    """The checkpoint directory that ``pointer`` names: a ``step-N`` directory directly inside
+    the pointer's own folder, never a path elsewhere (nor a link out of the run)."""
+    root = pointer.parent
+    named = root / name
+    if not CHECKPOINT_NAME.fullmatch(name) or named.resolve().parent != root.resolve():
+        raise CheckpointError(f"'{pointer}' names {name[:60]!r}, which is not a checkpoint "
+                              f"directory of this run; it may only name a step-NNNNNNN folder "
+                              f"in {root} (delete the file to use the newest checkpoint)")
+    return named
+
+
 def best_checkpoint(run_dir: str | Path) -> tuple[Path | None, float]:
     """(the checkpoint ``best`` names, its score), or (None, inf) when there is none."""
     pointer = Path(run_dir) / "checkpoints" / BEST
+    text = _read_pointer(pointer)
     try:
-        name, score = pointer.read_text().split()
-        if (pointer.parent / name / WEIGHTS).is_file():
-            return pointer.parent / name, float(score)
-    except (OSError, ValueError):
-        pass
-    return None, float("inf")
+        name, score = (text or "").split()
+        best = float(score)
+    except ValueError:
+        return None, float("inf")
+    named = _pointed(pointer, name)
+    return (named, best) if (named / WEIGHTS).is_file() else (None, float("inf"))
 
 
 def prune_checkpoints(run_dir: str | Path, keep_last: int) -> None:
@@ -169,8 +190,9 @@ def list_checkpoints(run_dir: str | Path) -> list[Path]:
 def latest_checkpoint(run_dir: str | Path) -> Path | None:
     """The checkpoint that ``latest`` names, else the newest complete one, else None."""
     pointer = Path(run_dir) / "checkpoints" / LATEST
-    if pointer.is_file():
-        named = pointer.parent / pointer.read_text().strip()
+    text = _read_pointer(pointer) if pointer.is_file() else None
+    if text and text.strip():
+        named = _pointed(pointer, text.strip())
         if (named / WEIGHTS).is_file():
             return named
     found = list_checkpoints(run_dir)
@@ -220,45 +242,124 @@ def read_metadata(path: Path) -> dict[str, str]:
 
 
 def load_checkpoint(path: str | Path, *, use_ema: bool = True,
-                    device: torch.device | str = "cpu") -> LoadedCheckpoint:
-    """Build the UNet that a checkpoint describes and load its EMA (or raw) weights."""
+                    device: torch.device | str = "cpu",
+                    allow_nonfinite: bool = False) -> LoadedCheckpoint:
+    """Build the UNet that a checkpoint describes and load its EMA (or raw) weights.
+
+    Nothing is allocated before the checks pass: the metadata config must pass
+    ``config.check_architecture`` (its size limits included) and the tensor shapes in the file's
+    header must be the model's, compared on the meta device. Weights with NaN or Inf values are
+    refused unless ``allow_nonfinite`` (or PIXELDIFFUSION_ALLOW_NONFINITE=1).
+    """
     weights = resolve_weights_path(path)
     metadata = read_metadata(weights)
-    try:
-        cfg = from_dict(json.loads(metadata["config"]))
-    except (KeyError, json.JSONDecodeError) as err:
-        raise CheckpointError(f"'{weights}' has no readable config in its metadata ({err})") \
-            from None
+    cfg = _config_of(weights, metadata)
     prefix = "ema." if use_ema else "model."
-    try:
-        tensors = load_file(str(weights))
-    except (SafetensorError, OSError) as err:
-        raise CheckpointError(f"'{weights}' could not be read ({err}); it may be truncated") \
-            from None
-    state = {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}
-    if not state:
+    with torch.device("meta"):
+        model = build_unet(cfg.model, in_channels=cfg.data.channels,
+                           image_size=cfg.data.image_size)
+    shapes = {k[len(prefix):]: shape for k, shape in _header_shapes(weights).items()
+              if k.startswith(prefix)}
+    if not shapes:
         raise CheckpointError(f"'{weights}' has no '{prefix}*' weights")
-    model = build_unet(cfg.model, in_channels=cfg.data.channels, image_size=cfg.data.image_size)
-    load_state_checked(model, state, str(weights))
+    _check_shapes(model, shapes, str(weights))
+    state = _read_tensors(weights, prefix)
+    if not (allow_nonfinite or os.environ.get(ALLOW_NONFINITE_ENV) == "1"):
+        _check_finite(state, str(weights), prefix)
+    model.load_state_dict(state, assign=True)
     return LoadedCheckpoint(model.to(device).eval(), cfg, int(metadata.get("step", 0)), weights)
 
 
-def load_state_checked(model: nn.Module, state: dict[str, torch.Tensor], source: str) -> None:
-    """load_state_dict, but mismatches become one readable CheckpointError."""
-    own = model.state_dict()
-    missing = sorted(set(own) - set(state))
-    unexpected = sorted(set(state) - set(own))
-    shapes = [f"{k}: checkpoint {tuple(state[k].shape)} vs model {tuple(own[k].shape)}"
-              for k in own if k in state and state[k].shape != own[k].shape]
-    if missing or unexpected or shapes:
+def _config_of(weights: Path, metadata: dict[str, str]) -> Config:
+    """The checked config stored in a checkpoint's metadata."""
+    try:
+        return from_dict(json.loads(metadata["config"]))
+    except (KeyError, json.JSONDecodeError, RecursionError) as err:
+        raise CheckpointError(f"'{weights}' has no readable config in its metadata "
+                              f"({type(err).__name__})") from None
+    except ConfigError as err:
+        raise CheckpointError(f"'{weights}' describes a model that is refused: {err}") from None
+
+
+def _header_shapes(weights: Path) -> dict[str, tuple[int, ...]]:
+    """Every tensor's shape from the safetensors header, without reading any data."""
+    try:
+        with safe_open(str(weights), framework="pt") as f:
+            return {key: tuple(f.get_slice(key).get_shape()) for key in f.keys()}
+    except (SafetensorError, OSError, ValueError) as err:
+        raise CheckpointError(f"'{weights}' could not be read ({err}); it may be truncated") \
+            from None
+
+
+def _read_tensors(weights: Path, prefix: str) -> dict[str, torch.Tensor]:
+    """The tensors whose names start with ``prefix`` (prefix removed), as float32 on the CPU."""
+    try:
+        with safe_open(str(weights), framework="pt") as f:
+            return {key[len(prefix):]: f.get_tensor(key).float()
+                    for key in f.keys() if key.startswith(prefix)}
+    except (SafetensorError, OSError, ValueError) as err:
+        raise CheckpointError(f"'{weights}' could not be read ({err}); it may be truncated") \
+            from None
+
+
+def _check_finite(state: dict[str, torch.Tensor], source: str, prefix: str) -> None:
+    bad = {key: int((~torch.isfinite(value)).sum()) for key, value in state.items()}
+    bad = {key: count for key, count in bad.items() if count}
+    if bad:
+        first = next(iter(bad))
+        raise CheckpointError(f"'{source}' has {sum(bad.values()):,} NaN/Inf values in its "
+                              f"{prefix}* weights (first in {prefix}{first}), so it would sample "
+                              f"only NaN; the training diverged before this save: use an earlier "
+                              f"checkpoint, or set {ALLOW_NONFINITE_ENV}=1 to load it anyway")
+
+
+def _check_shapes(model: nn.Module, shapes: dict[str, tuple[int, ...]], source: str) -> None:
+    """A CheckpointError listing missing, unexpected and mis-shaped tensors, if any."""
+    own = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    missing = sorted(set(own) - set(shapes))
+    unexpected = sorted(set(shapes) - set(own))
+    mismatched = [f"{k}: checkpoint {shapes[k]} vs model {own[k]}"
+                  for k in own if k in shapes and shapes[k] != own[k]]
+    if missing or unexpected or mismatched:
         parts = []
-        for title, items in (("missing", missing), ("unexpected", unexpected), ("shape", shapes)):
+        for title, items in (("missing", missing), ("unexpected", unexpected),
+                             ("shape", mismatched)):
             if items:
                 more = f" (+{len(items) - 5} more)" if len(items) > 5 else ""
                 parts.append(f"{title}: {', '.join(items[:5])}{more}")
         raise CheckpointError(f"'{source}' does not fit this model configuration; "
                               + "; ".join(parts))
+
+
+def load_state_checked(model: nn.Module, state: dict[str, torch.Tensor], source: str) -> None:
+    """load_state_dict, but mismatches become one readable CheckpointError."""
+    _check_shapes(model, {k: tuple(v.shape) for k, v in state.items()}, source)
     model.load_state_dict(state)
+
+
+def load_torch_file(path: Path) -> Any:
+    """``torch.load`` of a file from outside (a training state, a diffusers ``.bin``), refused
+    before loading when its zip entries inflate beyond the file's own size (``torch.save``
+    never compresses, so only a crafted file does), and without unpickling any code."""
+    try:
+        with zipfile.ZipFile(path) as archive:
+            inflated = sum(entry.file_size for entry in archive.infolist())
+    except (zipfile.BadZipFile, OSError, ValueError) as err:
+        raise CheckpointError(f"'{path}' could not be loaded safely: it is not a torch.save "
+                              f"archive ({err})") from None
+    size = path.stat().st_size
+    if inflated > size:
+        raise CheckpointError(f"'{path}' could not be loaded safely: its entries inflate to "
+                              f"{inflated / 2**20:,.0f} MiB from a {size / 2**20:,.1f} MiB file, "
+                              f"which torch.save never writes; use another checkpoint")
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:  # torch raises many types for corrupt or hostile files
+        lines = [line for line in str(err).splitlines() if line.strip()]
+        reason = lines[0] if lines and "eights only" not in lines[0] else \
+            "it holds objects other than tensors and plain values, which are never unpickled"
+        raise CheckpointError(f"'{path}' could not be loaded safely ({type(err).__name__}: "
+                              f"{reason[:200]})") from None
 
 
 def load_training_state(checkpoint_dir: Path) -> dict[str, Any]:
@@ -267,11 +368,7 @@ def load_training_state(checkpoint_dir: Path) -> dict[str, Any]:
     if not path.is_file():
         raise CheckpointError(f"'{checkpoint_dir}' has no {STATE}; it holds weights only and "
                               f"cannot resume training (it can still sample)")
-    try:
-        return torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as err:  # torch raises many types for corrupt or hostile files
-        raise CheckpointError(f"'{path}' could not be loaded safely ({type(err).__name__}: "
-                              f"{str(err).splitlines()[0] if str(err) else ''})") from None
+    return load_torch_file(path)
 
 
 def load_training_weights(checkpoint_dir: Path, model: nn.Module, ema: nn.Module,

@@ -78,10 +78,11 @@ def _add_sample(commands: argparse._SubParsersAction) -> None:
                             formatter_class=argparse.RawDescriptionHelpFormatter)
     s.add_argument("-cp", "--checkpoint", required=True,
                    help=".safetensors file, checkpoint directory or run directory")
-    s.add_argument("--sampler", help="ddpm, ddim, euler, euler_ancestral, heun, dpmpp_2m, "
-                   "dpmpp_2m_sde, dpmpp_3m or unipc (default: the checkpoint's config)")
+    s.add_argument("--sampler", help="a sampler, e.g. ddpm, ddim or unipc (default: the "
+                   "checkpoint's config; a wrong name lists them all; docs/samplers.md)")
     s.add_argument("--steps", type=_positive, help="model calls; fewer than T skips steps")
-    s.add_argument("--eta", type=float, help="DDIM noise; 0 deterministic, 1 = DDPM posterior")
+    s.add_argument("--eta", type=float, help="noise of the samplers that take it (ddim, "
+                   "euler_ancestral, dpmpp_2m_sde): 0 deterministic (default: the sampler's own)")
     s.add_argument("--var_type", choices=("fixed_small", "fixed_large"), help="DDPM variance")
     s.add_argument("--spacing", "--skip_type", dest="spacing",
                    help="timesteps: uniform (trailing), leading, linspace, quadratic, karras, "
@@ -146,14 +147,35 @@ def _train(args: argparse.Namespace, overrides: list[str]) -> int:
     return 0
 
 
+# the sample section's keys that ``pixeldiffusion sample`` takes as --KEY
+SAMPLE_KEYS = ("sampler", "steps", "eta", "var_type", "spacing", "order", "variant",
+               "dynamic_threshold", "n_samples", "nrow", "seed", "clip_x0", "precision", "compile")
+
+
 def _sample(args: argparse.Namespace, overrides: list[str]) -> int:
     from .checkpoint import load_checkpoint
     from .device import resolve_device
-    from .generate import run_from_args
+    from .generate import generate, save_outputs, spacing_text, with_sample_options
 
     device = resolve_device(args.device)
     loaded = load_checkpoint(args.checkpoint, use_ema=args.load_ema, device=device)
-    for path in run_from_args(loaded, args, device):
+    cfg = with_sample_options(loaded.config, **{key: getattr(args, key) for key in SAMPLE_KEYS})
+    mode = "sample" if args.result_only else args.mode
+    # a GIF needs the chain: x_t, or the predicted x0 with --mode progressive
+    chain = ("progressive" if mode == "progressive" else "denoise") if args.gif else mode
+    generated = generate(loaded.model, cfg, device, mode=chain, micro_batch=args.micro_batch,
+                         interval=args.interval or (1 if args.gif else None),
+                         guidance=args.guidance, class_label=args.class_label)
+    if generated.timesteps is not None:
+        print(f"optimal timesteps (fitted to this checkpoint; pass them to skip the fit next "
+              f"time): --spacing {spacing_text(generated.timesteps)}", file=sys.stderr)
+    written = save_outputs(generated, args.save_path, nrow=cfg.sample.nrow,
+                           chain=mode != "sample", gif=args.gif, save_dir=args.save_dir,
+                           grayscale=args.to_grayscale)
+    if args.show:
+        from PIL import Image
+        Image.open(written[0]).show()
+    for path in written:
         print(path)
     return 0
 
@@ -168,7 +190,11 @@ def _add_serve(commands: argparse._SubParsersAction) -> None:
                        help="checkpoints to offer (file, checkpoint or run directory); "
                             "default: every run under runs/")
     serve.add_argument("--host", default="127.0.0.1",
-                       help="address to bind (default 127.0.0.1, this machine only)")
+                       help="address to bind (default 127.0.0.1, this machine only); any other "
+                            "address requires the random token the server prints at start")
+    serve.add_argument("--allow_host", action="append", default=[], metavar="NAME",
+                       help="also answer requests addressed to this host name (the Host "
+                            "header), e.g. the machine's DNS name; repeatable")
     serve.add_argument("--port", type=_positive, default=7860, help="port (default 7860)")
     serve.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N | mps")
     serve.add_argument("--load_ema", type=_bool, default=True, help="EMA weights (default true)")
@@ -187,7 +213,7 @@ def _serve(args: argparse.Namespace, overrides: list[str]) -> int:
 
     limits = Limits(max_steps=args.max_steps, max_batch=args.max_batch, max_queue=args.max_queue)
     serve(args.checkpoint, host=args.host, port=args.port, device=resolve_device(args.device),
-          limits=limits, use_ema=args.load_ema)
+          limits=limits, use_ema=args.load_ema, allow_hosts=args.allow_host)
     return 0
 
 

@@ -9,23 +9,27 @@ the error messages all come from the same place.
 from __future__ import annotations
 
 import dataclasses
-import difflib
+import math
+import os
 import types
 import typing
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import yaml
 
-from .errors import ConfigError
+from .errors import ConfigError, did_you_mean
 
 
-def _opt(default: Any, *, choices: Sequence[Any] | None = None, low: float | None = None,
-         high: float | None = None, doc: str = "") -> Any:
-    """A dataclass field with its allowed values (``choices`` or the closed range [low, high])."""
-    meta = {"choices": tuple(choices) if choices else None, "low": low, "high": high, "doc": doc}
+def _opt(default: Any, *, choices: Sequence[Any] | Callable[[], Sequence[Any]] | None = None,
+         low: float | None = None, high: float | None = None, doc: str = "") -> Any:
+    """A dataclass field with its allowed values (``choices``, or a function returning them, or
+    the closed range [low, high]). A default of None means "unset"; None always passes."""
+    if choices is not None and not callable(choices):
+        choices = tuple(choices)
+    meta = {"choices": choices or None, "low": low, "high": high, "doc": doc}
     if isinstance(default, (list, tuple)):
         return field(default_factory=lambda: tuple(default), metadata=meta)
     return field(default=default, metadata=meta)
@@ -52,9 +56,11 @@ class DataConfig:
 @dataclass
 class ModelConfig:
     channels: int = _opt(16, low=8, high=1024, doc="base channel count (ch in DDPM)")
-    channel_mult: tuple[int, ...] = _opt((1, 2, 4), doc="channel multiplier per resolution level")
+    channel_mult: tuple[int, ...] = _opt((1, 2, 4), low=1, high=16,
+                                         doc="channel multiplier per resolution level")
     num_res_blocks: int = _opt(1, low=1, high=8)
-    attn_resolutions: tuple[int, ...] = _opt((8,), doc="resolutions with self-attention")
+    attn_resolutions: tuple[int, ...] = _opt((8,), low=1, high=1024,
+                                             doc="resolutions with self-attention")
     dropout: float = _opt(0.0, low=0.0, high=0.9)
     num_heads: int = _opt(1, low=1, high=64)
     norm_groups: int = _opt(8, low=1, high=256, doc="GroupNorm groups; must divide channels")
@@ -127,8 +133,13 @@ class TrainConfig:
                            "label is replaced by the null class (classifier-free guidance)")
 
 
-SAMPLER_NAMES = ("ddpm", "ddim", "euler", "euler_ancestral", "heun", "dpmpp_2m", "dpmpp_2m_sde",
-                 "dpmpp_3m", "unipc")  # samplers.SAMPLERS (a test keeps them equal)
+def _sampler_names() -> tuple[str, ...]:
+    """The names of ``samplers.SAMPLERS``, looked up when a config is checked (samplers.py
+    imports torch, which a config alone does not need)."""
+    from .samplers import SAMPLERS
+    return tuple(SAMPLERS)
+
+
 DEPRECATED_KEYS = {"sample.skip_type": "sample.spacing"}  # old configs and checkpoints still load
 # old true/false keys that became a choice: key -> (new key, {old value: new value})
 DEPRECATED_SWITCHES = {"train.tensorboard": ("train.logger", {True: "tensorboard", False: "none"})}
@@ -136,16 +147,26 @@ DEPRECATED_SWITCHES = {"train.tensorboard": ("train.logger", {True: "tensorboard
 
 @dataclass
 class SampleConfig:
-    sampler: str = _opt("ddpm", choices=SAMPLER_NAMES, doc="samplers.SAMPLERS")
+    """How a run samples; ``samplers.sample`` takes its defaults from here. The sampler's own
+    options (``eta``, ``var_type``, ``order``, ``variant``) go to every sampler that takes them
+    (``samplers.option_names``); None leaves the sampler's own default."""
+
+    sampler: str = _opt("ddpm", choices=_sampler_names, doc="samplers.SAMPLERS")
     steps: int = _opt(100, low=1, high=100_000, doc="model calls; < T skips steps")
-    eta: float = _opt(0.0, low=0.0, high=10.0, doc="DDIM stochasticity; 1 = DDPM posterior")
-    var_type: str = _opt("fixed_small", choices=("fixed_small", "fixed_large"))
-    spacing: str = _opt("uniform", doc="timestep spacing: uniform (trailing), leading, linspace, "
-                        "quadratic, karras, logsnr, optimal (fitted to the model: "
-                        "optimal_steps.py), or a list such as 999,500,100 (schedule.py); "
-                        "alias: skip_type")
-    order: int = _opt(3, low=1, high=3, doc="unipc: order of the predictor-corrector")
-    variant: str = _opt("bh2", choices=("bh1", "bh2"), doc="unipc: B(h) = h or e^h - 1")
+    eta: float | None = _opt(None, low=0.0, high=10.0, doc="noise of the samplers that take it "
+                             "(ddim, euler_ancestral, dpmpp_2m_sde): 0 = deterministic; null = "
+                             "the sampler's own default")
+    var_type: str | None = _opt(None, choices=("fixed_small", "fixed_large"),
+                                doc="ddpm variance; null = the sampler's own default")
+    spacing: str | None = _opt(None, doc="timestep spacing: uniform (trailing), leading, "
+                               "linspace, quadratic, karras, logsnr, optimal (fitted to the "
+                               "model: optimal_steps.py), or a list such as 999,500,100 "
+                               "(schedule.py); null = the sampler's own "
+                               "(samplers.default_spacing); alias: skip_type")
+    order: int | None = _opt(None, low=1, high=3, doc="unipc: order of the predictor-corrector; "
+                             "null = the sampler's own default")
+    variant: str | None = _opt(None, choices=("bh1", "bh2"), doc="unipc: B(h) = h or e^h - 1; "
+                               "null = the sampler's own default")
     dynamic_threshold: float = _opt(0.0, low=0.0, high=0.9999, doc="Imagen dynamic thresholding "
                                     "quantile, e.g. 0.995 (replaces clip_x0); 0 = off")
     n_samples: int = _opt(64, low=1, high=1_000_000)
@@ -193,9 +214,8 @@ def all_keys() -> list[str]:
 
 
 def _unknown(key: str, known: Sequence[str], what: str) -> ConfigError:
-    close = difflib.get_close_matches(key, known, n=1, cutoff=0.6)
-    hint = f"; did you mean '{close[0]}'?" if close else f"; valid {what}s: {', '.join(known)}"
-    return ConfigError(f"unknown config {what} '{key}'{hint}")
+    hint = did_you_mean(key, known).strip() or f"valid {what}s: {', '.join(known)}"
+    return ConfigError(f"unknown config {what} '{key}'; {hint}")
 
 
 def _coerce(key: str, value: Any, typ: Any) -> Any:
@@ -212,8 +232,11 @@ def _coerce(key: str, value: Any, typ: Any) -> Any:
             raise ConfigError(f"config key '{key}' needs a list of {inner.__name__}s "
                               f"such as 1,2,2; got {value!r}")
         return tuple(_coerce(key, v, inner) for v in value)
-    if origin in (typing.Union, types.UnionType):
-        return value  # not used by the sections above; kept permissive for forward compatibility
+    if origin in (typing.Union, types.UnionType):  # X | None: unset, or an X
+        if value is None:
+            return None
+        (inner,) = (arg for arg in typing.get_args(typ) if arg is not type(None))
+        return _coerce(key, value, inner)
     if typ is bool:
         if isinstance(value, bool):
             return value
@@ -247,12 +270,16 @@ def _coerce(key: str, value: Any, typ: Any) -> Any:
 
 
 def _check_range(key: str, value: Any, meta: dict) -> None:
+    if value is None:  # unset: the field's user picks the default
+        return
     choices, low, high = meta.get("choices"), meta.get("low"), meta.get("high")
+    if callable(choices):
+        choices = choices()
     if choices is not None and value not in choices:
-        close = difflib.get_close_matches(str(value), [str(c) for c in choices], n=1)
-        hint = f" (did you mean '{close[0]}'?)" if close else ""
+        hint = did_you_mean(value, choices).strip()
         raise ConfigError(f"config key '{key}' must be one of "
-                          f"{', '.join(map(str, choices))}; got {value!r}{hint}")
+                          f"{', '.join(map(str, choices))}; got {value!r}"
+                          f"{f' ({hint})' if hint else ''}")
     items = value if isinstance(value, tuple) else (value,)
     for item in items:
         if low is not None and item < low or high is not None and item > high:
@@ -278,30 +305,143 @@ def _set(cfg: Config, key: str, value: Any) -> None:
     setattr(getattr(cfg, section_name), name, converted)
 
 
-def _check_consistency(cfg: Config) -> None:
-    """Rules that tie several keys together."""
-    m, d = cfg.model, cfg.data
-    if not m.channel_mult:
-        raise ConfigError("config key 'model.channel_mult' must list at least one level, "
-                          "e.g. 1,2,2")
+# --------------------------------------------------------------------------- the architecture
+
+MAX_PARAMS_ENV = "PIXELDIFFUSION_MAX_PARAMS"
+MAX_ACTIVATION_ENV = "PIXELDIFFUSION_MAX_ACTIVATION_GB"
+DEFAULT_MAX_PARAMS = 1_000_000_000   # 4 GB of float32 weights; ADM's largest UNet has 559M
+DEFAULT_MAX_ACTIVATION_GB = 8.0      # float32 activations of one image (ArchitectureSize)
+MAX_LEVELS = 8                       # resolution levels, len(model.channel_mult)
+
+
+@dataclass(frozen=True)
+class ArchitectureSize:
+    """What the UNet of a model config costs: ``params`` weights, and ``activation_bytes``, the
+    estimated float32 activation memory of one image in inference: the skip connections the up
+    path waits for plus the largest block's working set (its input, three intermediates and
+    the attention scores heads x (H*W)^2)."""
+    params: int
+    activation_bytes: int
+
+
+def architecture_size(m: ModelConfig, *, image_size: int, in_channels: int,
+                      out_channels: int | None = None) -> ArchitectureSize:
+    """Count the parameters and estimate the activations of ``unet.UNet`` for ``m`` without
+    building it: the layers of ``UNet.__init__`` in the same order (a test keeps them equal)."""
+    ch, temb_ch = m.channels, 4 * m.channels
+
+    def conv(c_in: int, c_out: int, k: int = 3) -> int:
+        return c_in * c_out * k * k + c_out
+
+    def res_block(c_in: int, c_out: int) -> int:  # norm1, conv1, temb_proj, norm2, conv2, skip
+        skip = conv(c_in, c_out, 1) if c_in != c_out else 0
+        return 2 * c_in + conv(c_in, c_out) + conv(temb_ch, c_out, 1) + 2 * c_out \
+            + conv(c_out, c_out) + skip
+
+    def attn_block(c: int) -> int:                # norm, qkv, proj_out
+        return 2 * c + conv(c, 3 * c, 1) + conv(c, c, 1)
+
+    def level_blocks(c_in: int, c_out: int, res: int) -> int:
+        return res_block(c_in, c_out) + (attn_block(c_out) if res in m.attn_resolutions else 0)
+
+    def working_set(c_in: int, c_out: int, res: int) -> int:
+        scores = m.num_heads * res**4 if res in m.attn_resolutions else 0
+        return (c_in + 3 * c_out) * res**2 + scores
+
+    params = conv(ch, temb_ch, 1) + conv(temb_ch, temb_ch, 1) + conv(in_channels, ch)
+    params += (m.num_classes + 1) * temb_ch if m.num_classes > 0 else 0
+    skips, c, res, work = [ch], ch, image_size, 0
+    skip_elements = ch * res**2
+    for level, mult in enumerate(m.channel_mult):
+        for _ in range(m.num_res_blocks):
+            params += level_blocks(c, ch * mult, res)
+            work = max(work, working_set(c, ch * mult, res))
+            c = ch * mult
+            skips.append(c)
+            skip_elements += c * res**2
+        if level != len(m.channel_mult) - 1:
+            params += conv(c, c)
+            res //= 2
+            skips.append(c)
+            skip_elements += c * res**2
+    params += 2 * res_block(c, c) + attn_block(c)  # the middle always attends
+    work = max(work, 4 * c * res**2 + m.num_heads * res**4)
+    for level, mult in reversed(list(enumerate(m.channel_mult))):
+        for block in range(m.num_res_blocks + 1):
+            c_in = c + skips.pop()
+            params += level_blocks(c_in, ch * mult, res)
+            work = max(work, working_set(c_in, ch * mult, res))
+            c = ch * mult
+            if level != 0 and block == m.num_res_blocks:
+                params += conv(c, c)
+                res *= 2
+    params += 2 * c + conv(c, out_channels or in_channels)
+    return ArchitectureSize(params, 4 * (skip_elements + work))
+
+
+def _limit_from_env(name: str, default: float) -> float:
+    text = os.environ.get(name, "").strip()
+    if not text:
+        return default
+    try:
+        value = float(text)
+    except ValueError:
+        raise ConfigError(f"environment variable {name}={text!r} must be a number") from None
+    return value
+
+
+def check_architecture(m: ModelConfig, *, image_size: int, in_channels: int,
+                       out_channels: int | None = None) -> None:
+    """The one check of a UNet architecture (``UNet`` calls it too): every ``model`` key in its
+    range, the levels fit ``image_size``, the groups and heads divide every level's width, and
+    the model is at most PIXELDIFFUSION_MAX_PARAMS parameters and PIXELDIFFUSION_MAX_ACTIVATION_GB
+    of activations per image (``architecture_size``). Raises a ConfigError (a ValueError) that
+    names the key, or the variable that allows a larger model."""
+    for f in dataclasses.fields(ModelConfig):
+        _check_range(f"model.{f.name}", getattr(m, f.name), f.metadata)
+    if not 1 <= len(m.channel_mult) <= MAX_LEVELS:
+        raise ConfigError(f"config key 'model.channel_mult' must list 1 to {MAX_LEVELS} levels, "
+                          f"e.g. 1,2,2; got {list(m.channel_mult)}")
     down = 2 ** (len(m.channel_mult) - 1)
-    if d.image_size % down:
-        raise ConfigError(f"config key 'data.image_size' ({d.image_size}) must be divisible by "
+    if image_size % down:
+        raise ConfigError(f"config key 'data.image_size' ({image_size}) must be divisible by "
                           f"{down}, the downsampling of model.channel_mult {list(m.channel_mult)}")
-    levels = [d.image_size // 2**i for i in range(len(m.channel_mult))]
+    levels = [image_size // 2**i for i in range(len(m.channel_mult))]
     for res in m.attn_resolutions:
         if res not in levels:
             raise ConfigError(f"config key 'model.attn_resolutions' has {res}, which is not one of "
                               f"the model's resolutions {levels}")
-    for mult in m.channel_mult:
-        if mult < 1 or (m.channels * mult) % m.norm_groups:
-            raise ConfigError(f"config key 'model.norm_groups' ({m.norm_groups}) must divide every "
-                              f"level's channels model.channels x channel_mult "
-                              f"({[m.channels * k for k in m.channel_mult]})")
-    for mult in m.channel_mult:
-        if (m.channels * mult) % m.num_heads:
-            raise ConfigError(f"config key 'model.num_heads' ({m.num_heads}) must divide every "
-                              f"level's channel count")
+    widths = [m.channels * mult for mult in m.channel_mult]
+    if any(width % m.norm_groups for width in widths):
+        raise ConfigError(f"config key 'model.norm_groups' ({m.norm_groups}) must divide every "
+                          f"level's channels model.channels x channel_mult ({widths})")
+    if any(width % m.num_heads for width in widths):
+        raise ConfigError(f"config key 'model.num_heads' ({m.num_heads}) must divide every "
+                          f"level's channels model.channels x channel_mult ({widths})")
+    _check_size(architecture_size(m, image_size=image_size, in_channels=in_channels,
+                                  out_channels=out_channels))
+
+
+def _check_size(size: ArchitectureSize) -> None:
+    max_params = _limit_from_env(MAX_PARAMS_ENV, DEFAULT_MAX_PARAMS)
+    max_gb = _limit_from_env(MAX_ACTIVATION_ENV, DEFAULT_MAX_ACTIVATION_GB)
+    if size.params > max_params:
+        raise ConfigError(f"this model config has {size.params:,} parameters "
+                          f"({size.params * 4 / 1e9:.1f} GB), over the limit of "
+                          f"{max_params:,.0f}; lower model.channels, channel_mult or "
+                          f"num_res_blocks, or set {MAX_PARAMS_ENV}={size.params} to allow it")
+    gb = size.activation_bytes / 1e9
+    if gb > max_gb:
+        raise ConfigError(f"this model config needs about {gb:.1f} GB of activations per image, "
+                          f"over the limit of {max_gb:g} GB; lower model.channels or move "
+                          f"model.attn_resolutions to smaller resolutions, or set "
+                          f"{MAX_ACTIVATION_ENV}={math.ceil(gb)} to allow it")
+
+
+def _check_consistency(cfg: Config) -> None:
+    """Rules that tie several keys together."""
+    m, d = cfg.model, cfg.data
+    check_architecture(m, image_size=d.image_size, in_channels=d.channels)
     if cfg.diffusion.beta_schedule in ("linear", "sigmoid") and \
             cfg.diffusion.beta_start >= cfg.diffusion.beta_end:
         raise ConfigError("config key 'diffusion.beta_start' must be smaller than "

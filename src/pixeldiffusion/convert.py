@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 from pathlib import Path
 from typing import Any
 
@@ -35,9 +34,11 @@ from safetensors.torch import load_file, save_file
 from torch import Tensor
 
 from . import __version__
-from .checkpoint import FORMAT, load_checkpoint, load_state_checked
+from .checkpoint import FORMAT, load_checkpoint, load_state_checked, load_torch_file
 from .config import Config, from_dict
 from .errors import CheckpointError
+from .files import atomic_write, write_text_atomic
+from .samplers import option_defaults
 from .schedule import cosine_betas, linear_betas, make_betas, sigmoid_betas
 from .unet import build_unet
 
@@ -213,7 +214,9 @@ def unet_config(cfg: Config) -> dict[str, Any]:
 
 def scheduler_config(cfg: Config) -> dict[str, Any]:
     """The ``DDPMScheduler`` scheduler_config.json of our diffusion and sample config. Our
-    sigmoid schedule has no diffusers name (theirs is GeoDiff's) and goes as ``trained_betas``."""
+    sigmoid schedule has no diffusers name (theirs is GeoDiff's) and goes as ``trained_betas``.
+    Its ``timestep_spacing`` is "trailing", our default "uniform" spacing, so the exported
+    ``DDPMPipeline`` with the same seed and number of steps draws our ``ddpm`` samples."""
     d = cfg.diffusion
     names = {"linear": "linear", "cosine": "squaredcos_cap_v2"}
     trained = None
@@ -223,9 +226,10 @@ def scheduler_config(cfg: Config) -> dict[str, Any]:
         "_class_name": "DDPMScheduler", "_diffusers_version": DIFFUSERS_VERSION,
         "num_train_timesteps": d.timesteps, "beta_start": d.beta_start, "beta_end": d.beta_end,
         "beta_schedule": names.get(d.beta_schedule, "linear"), "trained_betas": trained,
-        "variance_type": cfg.sample.var_type, "clip_sample": cfg.sample.clip_x0,
+        "variance_type": cfg.sample.var_type or option_defaults("ddpm")["var_type"],
+        "clip_sample": cfg.sample.clip_x0,
         "clip_sample_range": 1.0, "prediction_type": PREDICTION_TO_DIFFUSERS[d.prediction],
-        "thresholding": False, "timestep_spacing": "leading", "steps_offset": 0,
+        "thresholding": False, "timestep_spacing": "trailing", "steps_offset": 0,
         "rescale_betas_zero_snr": False,
     }
 
@@ -369,8 +373,7 @@ def diffusion_config_from(sched: dict[str, Any], source: str) -> dict[str, Any]:
 
 
 def _write_json(path: Path, data: dict[str, Any]) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(data, indent=2) + "\n")
+    write_text_atomic(path, json.dumps(data, indent=2) + "\n")
 
 
 def to_diffusers(checkpoint: str | Path, out_dir: str | Path, *, use_ema: bool = True) -> Path:
@@ -385,9 +388,8 @@ def to_diffusers(checkpoint: str | Path, out_dir: str | Path, *, use_ema: bool =
                  "scheduler": ["diffusers", "DDPMScheduler"], "unet": ["diffusers", "UNet2DModel"]})
     _write_json(out_dir / "unet" / "config.json", unet)
     _write_json(out_dir / "scheduler" / "scheduler_config.json", scheduler_config(cfg))
-    tmp = out_dir / "unet" / f".{UNET_WEIGHTS}.tmp"
-    save_file(weights, tmp, metadata={"format": "pt"})
-    os.replace(tmp, out_dir / "unet" / UNET_WEIGHTS)
+    with atomic_write(out_dir / "unet" / UNET_WEIGHTS) as tmp:
+        save_file(weights, tmp, metadata={"format": "pt"})
     return out_dir
 
 
@@ -410,10 +412,10 @@ def _read_json(path: Path) -> dict[str, Any]:
 
 
 def _read_unet_weights(path: Path) -> dict[str, Tensor]:
+    if path.suffix != ".safetensors":
+        return load_torch_file(path)  # size-checked first, never unpickles code
     try:
-        if path.suffix == ".safetensors":
-            return load_file(str(path))
-        return torch.load(path, map_location="cpu", weights_only=True)  # never unpickles code
+        return load_file(str(path))
     except Exception as err:  # safetensors and torch raise many types for broken files
         raise CheckpointError(f"'{path}' could not be read ({type(err).__name__}); it may be "
                               "truncated or a Git LFS pointer") from None
@@ -446,8 +448,6 @@ def from_diffusers(src_dir: str | Path, out_path: str | Path) -> Path:
                 "config": json.dumps(cfg.to_dict()),
                 "weights": f"ema.* = the weights of the diffusers folder {src.resolve()}"}
     out_path = Path(out_path)
-    out_path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out_path.with_name(f".{out_path.name}.tmp")
-    save_file({f"ema.{k}": v for k, v in state.items()}, tmp, metadata=metadata)
-    os.replace(tmp, out_path)
+    with atomic_write(out_path) as tmp:
+        save_file({f"ema.{k}": v for k, v in state.items()}, tmp, metadata=metadata)
     return out_path

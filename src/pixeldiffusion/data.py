@@ -38,6 +38,8 @@ from tqdm import tqdm
 
 from .config import DataConfig
 from .errors import DataError
+from .files import atomic_write, write_text_atomic
+from .images import uint8_to_float
 
 RESAMPLE = Image.Resampling.BICUBIC
 LUMA_601 = (0.299, 0.587, 0.114)  # ITU-R BT.601 luma weights for R, G, B
@@ -80,11 +82,6 @@ class ImageDataset(Dataset):
         return []
 
 
-def to_float(images: Tensor) -> Tensor:
-    """uint8 pixels in [0, 255] (any shape) -> float32 in [-1, 1]: 0 -> -1, 255 -> 1."""
-    return images.float().div_(127.5).sub_(1.0)
-
-
 class TensorImageDataset(ImageDataset):
     """Images held in CPU memory (or memory-mapped) as uint8 [N, C, H, W], int64 labels [N]."""
 
@@ -105,19 +102,16 @@ class TensorImageDataset(ImageDataset):
 
     def __getitem__(self, i: int) -> tuple[Tensor, int]:
         """(float32 [C, H, W] in [-1, 1], label)."""
-        return to_float(self.images[i]), int(self.labels[i])
+        return uint8_to_float(self.images[i]), int(self.labels[i])
 
     def __getitems__(self, indices: list[int]) -> tuple[Tensor, Tensor]:
         """One batched gather: (float32 [B, C, H, W] in [-1, 1], int64 [B]).
 
-        Done in numpy, single-threaded: torch's multi-threaded kernels stall on small tensors
-        when the cores are busy, which made this 50x slower on a loaded 2-core machine.
+        Gathered and converted in numpy, on one thread: torch's multi-threaded kernels stall on
+        small tensors when the cores are busy with training.
         """
         index = np.asarray(indices, dtype=np.int64)
-        x = self.images.numpy()[index].astype(np.float32)
-        x /= 127.5
-        x -= 1.0
-        return torch.from_numpy(x), self.labels[torch.from_numpy(index)]
+        return uint8_to_float(self.images.numpy()[index]), self.labels[torch.from_numpy(index)]
 
 
 # --------------------------------------------------------------------------- array helpers
@@ -160,11 +154,9 @@ def _fit_mnist(images: np.ndarray, size: int, channels: int) -> np.ndarray:
 
 
 def _save_npy(path: Path, array: np.ndarray) -> None:
-    """Write ``array`` to ``path`` atomically (temp file, then os.replace)."""
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "wb") as f:
+    """Write ``array`` to ``path`` atomically (``files.atomic_write``)."""
+    with atomic_write(path) as tmp, open(tmp, "wb") as f:
         np.save(f, array, allow_pickle=False)
-    os.replace(tmp, path)
 
 
 def _from_numpy(images: np.ndarray, labels: np.ndarray | None,
@@ -210,13 +202,13 @@ def _open(url: str):
                                   timeout=60)
 
 
-def _fetch(url: str, part: Path) -> str:
-    """Stream ``url`` into ``part`` with a progress bar; return the md5 of what was written."""
+def _fetch(url: str, part: Path, name: str) -> str:
+    """Stream ``url`` into ``part`` with a progress bar labelled ``name``; return the md5 of what
+    was written."""
     digest = hashlib.md5()
     with _open(url) as response, open(part, "wb") as f:
         total = int(response.headers.get("Content-Length") or 0) or None
-        with tqdm(total=total, unit="B", unit_scale=True, unit_divisor=1024,
-                  desc=part.name.removesuffix(".part")) as bar:
+        with tqdm(total=total, unit="B", unit_scale=True, unit_divisor=1024, desc=name) as bar:
             for chunk in iter(lambda: response.read(1 << 20), b""):
                 f.write(chunk)
                 digest.update(chunk)
@@ -227,31 +219,28 @@ def _fetch(url: str, part: Path) -> str:
 def download(url: str | list[str], dest: Path, md5: str) -> Path:
     """Download ``url`` (or the first mirror that works) to ``dest``, checking its md5.
 
-    An existing ``dest`` with the right md5 is kept. The bytes go to ``dest.name + ".part"`` and
-    are renamed onto ``dest`` only once the checksum matches, so ``dest`` is never half written.
+    An existing ``dest`` with the right md5 is kept. The bytes go to a temporary file
+    (``files.atomic_write``) that is renamed onto ``dest`` only once the checksum matches, so
+    ``dest`` is never half written.
     """
     urls = [url] if isinstance(url, str) else list(url)
     dest = Path(dest)
     if dest.is_file() and _md5(dest) == md5:
         return dest
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    part = dest.with_name(dest.name + ".part")
     reasons, mismatch = [], None
     for source in urls:
         try:
-            got = _fetch(source, part)
+            with atomic_write(dest) as part:
+                got = _fetch(source, part, dest.name)
+                if got != md5:
+                    raise DataError(f"the download of {dest.name} from {source} has md5 {got} "
+                                    f"but {md5} was expected (a corrupt or changed file); try "
+                                    f"again, or download it yourself and place it at {dest}")
+            return dest
+        except DataError as err:
+            mismatch = err
         except (OSError, HTTPException, ValueError) as err:
-            part.unlink(missing_ok=True)
             reasons.append(str(getattr(err, "reason", None) or err))
-            continue
-        if got != md5:
-            part.unlink(missing_ok=True)
-            mismatch = DataError(f"the download of {dest.name} from {source} has md5 {got} but "
-                                 f"{md5} was expected (a corrupt or changed file); try again, or "
-                                 f"download it yourself and place it at {dest}")
-            continue
-        os.replace(part, dest)
-        return dest
     if mismatch is not None:
         raise mismatch
     raise DataError(f"could not download {dest.name} from {' or '.join(urls)} "
@@ -375,9 +364,7 @@ def _load_cifar10(cfg: DataConfig) -> TensorImageDataset:
         archive = _require(folder / "cifar-10-binary.tar.gz", [CIFAR10_URL], CIFAR10_MD5, cfg)
         images, labels, classes = read_cifar_binary(archive)
         _save_npy(labels_npy, labels)
-        tmp = classes_txt.with_name(classes_txt.name + ".tmp")
-        tmp.write_text("\n".join(classes) + "\n")
-        os.replace(tmp, classes_txt)
+        write_text_atomic(classes_txt, "\n".join(classes) + "\n")
         _save_npy(images_npy, images)
     return _from_numpy(_fit(images, cfg.image_size, cfg.channels), labels, classes)
 
@@ -415,9 +402,8 @@ def _write_faces(zf: zipfile.ZipFile, names: list[str], cache: np.ndarray) -> No
 
 def _preprocess_celeba(archive: Path, out: Path, size: int, channels: int) -> None:
     """Crop and resize every JPEG of ``archive`` into a uint8 [N, size, size, C] .npy (atomic)."""
-    tmp = out.with_name(out.name + ".tmp")
     try:
-        with zipfile.ZipFile(archive) as zf:
+        with atomic_write(out) as tmp, zipfile.ZipFile(archive) as zf:
             names = sorted(n for n in zf.namelist() if n.lower().endswith(".jpg"))
             if not names:
                 raise DataError(f"'{archive}' holds no .jpg images; it is not {CELEBA_ZIP}, "
@@ -428,10 +414,8 @@ def _preprocess_celeba(archive: Path, out: Path, size: int, channels: int) -> No
             cache.flush()
             del cache
     except (OSError, zipfile.BadZipFile) as err:
-        tmp.unlink(missing_ok=True)
         raise DataError(f"cannot read '{archive}' ({err}); delete it and download it "
                         f"again") from None
-    os.replace(tmp, out)
 
 
 def _load_celeba64(cfg: DataConfig) -> TensorImageDataset:
@@ -506,7 +490,7 @@ def load_image(path: Path, size: int, channels: int) -> Tensor:
         img.load()
         pixels = np.asarray(_resize_crop(_to_mode(img, channels), size))
     chw = pixels.reshape(size, size, channels).transpose(2, 0, 1)
-    return to_float(torch.from_numpy(np.array(chw, order="C")))  # a writable copy
+    return uint8_to_float(np.ascontiguousarray(chw))
 
 
 def _decode_error(path: Path, size: int, channels: int) -> str | None:

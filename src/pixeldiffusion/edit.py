@@ -28,7 +28,16 @@ from .device import make_generator
 from .errors import PixelDiffusionError
 from .generate import sampling_network
 from .images import atomic_save, make_grid, to_pil, to_uint8
-from .samplers import Callback, Denoiser, make_denoiser, sample
+from .optimal_steps import calibrated_timesteps
+from .samplers import (
+    Callback,
+    Denoiser,
+    check_var_type,
+    ddpm_posterior,
+    default_spacing,
+    make_denoiser,
+    sample,
+)
 from .schedule import alphas_cumprod_of, sampling_timesteps
 
 
@@ -68,14 +77,13 @@ def repaint(denoise: Denoiser, x_T: Tensor, timesteps: Tensor, alphas_cumprod: T
     known: [N or 1, 1 or C, H, W] with 1 where ``x0_known`` is kept and 0 where it is filled.
     Downward step t -> t_prev (abar_prev = 1 at the data, t_prev = -1):
       x_known   = sqrt(abar_prev) x0_known + sqrt(1 - abar_prev) eps       (Alg. 1 line 5, eq. 8)
-      x_unknown = DDPM posterior mean + sigma z from the model's x0        (line 7, eq. 7)
+      x_unknown ~ q(x_prev | x_t, x0) with the model's x0 (samplers.ddpm_posterior; line 7)
       x_prev    = known * x_known + (1 - known) * x_unknown                 (line 8)
     Upward jump t_prev -> t: x_t ~ q(x_t | x_prev) = N(sqrt(abar_t/abar_prev) x_prev,
     (1 - abar_t/abar_prev) I)                                               (line 10)
     Returns x_0 [N, C, H, W]; where ``known`` is 1 it equals ``x0_known`` exactly.
     """
-    if var_type not in ("fixed_small", "fixed_large"):
-        raise ValueError(f"unknown var_type '{var_type}'; use fixed_small or fixed_large")
+    check_var_type(var_type)
     ts = [int(t) for t in timesteps.flip(0)]  # ascending: index k -> timestep ts[k]
     known = known.to(x_T.dtype)
 
@@ -96,11 +104,8 @@ def repaint(denoise: Denoiser, x_T: Tensor, timesteps: Tensor, alphas_cumprod: T
         if callback is not None:
             callback({"i": calls, "t": ts[k], "x_t": x, "x0": x0})
         calls += 1
-        beta = 1 - abar_t / abar_prev  # DDPM posterior for a skipped step (samplers.ddpm)
-        x_unknown = (math.sqrt(abar_prev) * beta / (1 - abar_t)) * x0 \
-            + (math.sqrt(1 - beta) * (1 - abar_prev) / (1 - abar_t)) * x
+        x_unknown, var = ddpm_posterior(x0, x, abar_t, abar_prev, var_type)
         if k_next >= 0:
-            var = beta * (1 - abar_prev) / (1 - abar_t) if var_type == "fixed_small" else beta
             x_unknown = x_unknown + math.sqrt(var) * noise()
             x_known = math.sqrt(abar_prev) * x0_known + math.sqrt(1 - abar_prev) * noise()
         else:
@@ -168,10 +173,15 @@ def inpaint(loaded: LoadedCheckpoint, image: str | Path, mask: str | Path, *, n_
                            compile=cfg.sample.compile)
     denoise = make_denoiser(net, alphas_cumprod, prediction=cfg.diffusion.prediction,
                             clip_x0=clip)
-    timesteps = sampling_timesteps(T, steps, cfg.sample.spacing, alphas_cumprod)
+    try:  # RePaint walks DDPM's timesteps: the checkpoint's spacing, else ddpm's own
+        timesteps = sampling_timesteps(T, steps, cfg.sample.spacing or default_spacing("ddpm"),
+                                       alphas_cumprod)
+    except ValueError as err:
+        raise PixelDiffusionError(f"{err} (the checkpoint's sample.spacing)") from None
+    var_type = var_type or cfg.sample.var_type
     images = repaint(denoise, x_T, timesteps, alphas_cumprod, x0_known=x0_known, known=known,
-                     jump_length=jump_length, jump_n_sample=jump_n_sample,
-                     var_type=var_type or cfg.sample.var_type, generator=generator)
+                     jump_length=jump_length, jump_n_sample=jump_n_sample, generator=generator,
+                     **({"var_type": var_type} if var_type else {}))
     masked = torch.where(known > 0.5, x0_known, torch.zeros_like(x0_known))
     return Inpainted(images.float().cpu(), masked.float().cpu(), known.float().cpu())
 
@@ -201,9 +211,16 @@ def interpolate(loaded: LoadedCheckpoint, *, n_frames: int, seeds: tuple[int, in
     generator = make_generator(device, seeds[0])
     net = sampling_network(loaded.model, device, precision=cfg.sample.precision,
                            compile=cfg.sample.compile)
-    x0 = sample(net, x_T, alphas_cumprod_of(cfg), sampler=sampler, steps=steps,
-                spacing=cfg.sample.spacing, prediction=cfg.diffusion.prediction,
-                clip_x0=cfg.sample.clip_x0, generator=generator, **(options or {}))
+    alphas_cumprod = alphas_cumprod_of(cfg)
+    spacing: str | Tensor | None = cfg.sample.spacing
+    if spacing == "optimal":  # fitted to the model first, as ``generate`` does
+        denoise = make_denoiser(net, alphas_cumprod, prediction=cfg.diffusion.prediction,
+                                clip_x0=cfg.sample.clip_x0)
+        spacing = calibrated_timesteps(denoise, x_T, alphas_cumprod, steps, sampler=sampler,
+                                       options=options)
+    x0 = sample(net, x_T, alphas_cumprod, sampler=sampler, steps=steps, spacing=spacing,
+                prediction=cfg.diffusion.prediction, clip_x0=cfg.sample.clip_x0,
+                generator=generator, **(options or {}))
     return x0.float().cpu()
 
 

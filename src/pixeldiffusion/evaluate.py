@@ -583,7 +583,7 @@ def _typed_sample_config(base: Any, point: dict[str, str]) -> Any:
         if key not in names:
             raise PixelDiffusionError(f"--sweep key '{key}' is not a sampling option; use nfe or "
                                       f"one of {', '.join(sorted(names))}")
-        typ = hints[key]
+        typ = next((a for a in typing.get_args(hints[key]) if a is not type(None)), hints[key])
         try:
             values[key] = typ(text) if typ in (int, float, str) else text
         except ValueError:

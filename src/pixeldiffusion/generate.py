@@ -3,9 +3,6 @@ predicted x0 (progressive), plus the files a user asked for (grid PNG, single PN
 
 from __future__ import annotations
 
-import dataclasses
-import os
-import sys
 from collections.abc import Callable
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -13,17 +10,17 @@ from typing import Any
 
 import numpy as np
 import torch
-from PIL import Image
 from torch import Tensor
 
-from .checkpoint import LoadedCheckpoint
 from .config import Config, SampleConfig, from_dict
 from .device import make_generator, use_fast_kernels
 from .errors import PixelDiffusionError
+from .files import atomic_write
 from .guidance import guided_model, sampling_labels
 from .images import atomic_save, make_grid, save_gif, to_pil, to_uint8
+from .optimal_steps import calibrated_timesteps
 from .optimal_steps import check_steps as check_optimal_steps
-from .samplers import calibrated_timesteps, make_denoiser, sample
+from .samplers import check_sampler, default_spacing, make_denoiser, option_names, sample
 from .schedule import alphas_cumprod_of, sampling_timesteps
 
 MODES = ("sample", "denoise", "progressive")
@@ -103,15 +100,17 @@ def generate(model: torch.nn.Module, cfg: Config, device: torch.device, *,
     interval = interval or max(1, s.steps // 10)
     alphas_cumprod = alphas_cumprod_of(cfg)
     generator = make_generator(device, s.seed)
-    options = sampler_options(s)
-    optimal = s.spacing == "optimal"  # fitted to this model below, once, before the first batch
-    try:  # a bad spacing is the user's: one clear sentence, before any model call
+    spacing = s.spacing or default_spacing(s.sampler)
+    optimal = spacing == "optimal"  # fitted to this model below, once, before the first batch
+    try:  # a bad sampler or spacing is the user's: one clear sentence, before any model call
+        check_sampler(s.sampler)
         if optimal:
             check_optimal_steps(len(alphas_cumprod), s.steps)
         else:
-            sampling_timesteps(len(alphas_cumprod), s.steps, s.spacing, alphas_cumprod)
+            sampling_timesteps(len(alphas_cumprod), s.steps, spacing, alphas_cumprod)
     except ValueError as err:
         raise PixelDiffusionError(str(err)) from None
+    options = sampler_options(s)
     shape = (cfg.data.channels, cfg.data.image_size, cfg.data.image_size)
     fast = sampling_network(model, device, precision=s.precision, compile=s.compile)
     labels, w = sampling_labels(cfg, guidance, class_label)
@@ -136,7 +135,7 @@ def generate(model: torch.nn.Module, cfg: Config, device: torch.device, *,
         if optimal and timesteps is None:
             timesteps = _fit_optimal(fast, cfg, x_T, labels, w, alphas_cumprod)
         x0 = sample(net, x_T, alphas_cumprod, sampler=s.sampler, steps=s.steps,
-                    spacing=s.spacing if timesteps is None else timesteps,
+                    spacing=spacing if timesteps is None else timesteps,
                     prediction=cfg.diffusion.prediction,
                     clip_x0=s.clip_x0, dynamic_threshold=s.dynamic_threshold, generator=generator,
                     callback=record if mode != "sample" or callback else None,
@@ -151,7 +150,7 @@ def _fit_optimal(model: Callable[..., Tensor], cfg: Config, x_T: Tensor, labels:
                  w: float, alphas_cumprod: Tensor) -> Tensor:
     """The "optimal" timesteps of ``model`` as it samples here (same guidance and clipping),
     fitted on min(32, n_samples) calibration noise images drawn with seed + 1, so not the
-    images' own noise (samplers.calibrated_timesteps)."""
+    images' own noise (optimal_steps.calibrated_timesteps)."""
     s = cfg.sample
     n = min(32, s.n_samples)
     net = model if labels is None else guided_model(
@@ -187,60 +186,46 @@ def save_each(images: Tensor, save_dir: str | Path, *, grayscale: bool = False,
     arrays = {"images": pictures}
     if labels is not None:
         arrays["labels"] = labels.cpu().numpy().astype(np.int64)
-    tmp = save_dir / ".samples.npz.tmp"
-    with open(tmp, "wb") as f:
+    with atomic_write(save_dir / "samples.npz") as tmp, open(tmp, "wb") as f:
         np.savez(f, **arrays)
-    os.replace(tmp, save_dir / "samples.npz")
     return save_dir / "samples.npz"
 
 
 def sampler_options(s: SampleConfig) -> dict[str, Any]:
-    """The sampler's own keywords from the sample section (``eta`` is DDIM's only)."""
-    if s.sampler == "ddim":
-        return {"eta": s.eta}
-    if s.sampler == "ddpm":
-        return {"var_type": s.var_type}
-    if s.sampler == "unipc":
-        return {"order": s.order, "variant": s.variant}
-    return {}
+    """The options ``s.sampler`` takes (``samplers.option_names``, e.g. ``eta`` for ddim,
+    euler_ancestral and dpmpp_2m_sde), from the sample section's fields of the same name; unset
+    (None) fields are left out, so the sampler keeps its own default."""
+    return {name: getattr(s, name) for name in option_names(s.sampler)
+            if getattr(s, name, None) is not None}
 
 
-def sample_config_from_args(base: SampleConfig, args: Any) -> SampleConfig:
-    """The checkpoint's sample section with the CLI's explicit choices on top."""
-    keys = ("sampler", "steps", "eta", "var_type", "spacing", "order", "variant",
-            "dynamic_threshold", "n_samples", "nrow", "seed", "clip_x0", "precision", "compile")
-    chosen = {k: getattr(args, k) for k in keys if getattr(args, k, None) is not None}
-    return replace(base, **chosen)
+def with_sample_options(cfg: Config, **chosen: Any) -> Config:
+    """``cfg`` with the sample-section values ``chosen`` on top (None values are left out),
+    checked like a config file: a bad value is a PixelDiffusionError naming the fix."""
+    chosen = {key: value for key, value in chosen.items() if value is not None}
+    steps, T = chosen.get("steps", cfg.sample.steps), cfg.diffusion.timesteps
+    if steps > T:
+        raise PixelDiffusionError(f"--steps {steps} is more than the model's {T} timesteps; use "
+                                  f"--steps {T} or fewer")
+    return from_dict({"sample": chosen}, base=cfg)
 
 
-def run_from_args(loaded: LoadedCheckpoint, args: Any, device: torch.device) -> list[Path]:
-    """What ``pixeldiffusion sample`` does after parsing: generate, then write the files."""
-    cfg = replace(loaded.config, sample=sample_config_from_args(loaded.config.sample, args))
-    T = cfg.diffusion.timesteps
-    if cfg.sample.steps > T:
-        raise PixelDiffusionError(f"--steps {cfg.sample.steps} is more than the model's "
-                                  f"{T} timesteps; use --steps {T} or fewer")
-    from_dict({"sample": dataclasses.asdict(cfg.sample)}, base=loaded.config)  # e.g. --eta < 0
-    mode = "sample" if args.result_only else args.mode
-    gif = getattr(args, "gif", None)
-    chain = ("progressive" if mode == "progressive" else "denoise") if gif else mode
-    generated = generate(loaded.model, cfg, device, mode=chain, micro_batch=args.micro_batch,
-                         interval=args.interval or (1 if gif else None),
-                         guidance=getattr(args, "guidance", None),
-                         class_label=getattr(args, "class_label", None))
-    if generated.timesteps is not None:
-        listed = ",".join(f"{t:.2f}".rstrip("0").rstrip(".") for t in generated.timesteps.tolist())
-        print(f"optimal timesteps (fitted to this checkpoint; pass them to skip the fit next "
-              f"time): --spacing {listed}", file=sys.stderr)
-    grid = generated if mode != "sample" else replace(generated, frames=None)
-    written = [save_grid_of(grid, args.save_path, nrow=cfg.sample.nrow,
-                            grayscale=args.to_grayscale)]
+def spacing_text(timesteps: Tensor) -> str:
+    """Timesteps as the text ``--spacing`` takes, each rounded to 0.01: "999,512.3,80"."""
+    return ",".join(f"{t:.2f}".rstrip("0").rstrip(".") for t in timesteps.tolist())
+
+
+def save_outputs(generated: Generated, save_path: str | Path, *, nrow: int, chain: bool = False,
+                 gif: str | Path | None = None, save_dir: str | Path | None = None,
+                 grayscale: bool = False) -> list[Path]:
+    """Write what ``pixeldiffusion sample`` writes: the grid (of the chain when ``chain``, else
+    of the final images), the chain as a GIF at ``gif``, each image and samples.npz in
+    ``save_dir``. Returns the paths written, the grid first."""
+    grid = generated if chain else replace(generated, frames=None)
+    written = [save_grid_of(grid, save_path, nrow=nrow, grayscale=grayscale)]
     if gif:
-        written.append(save_gif(generated.frames, gif, nrow=cfg.sample.nrow,
-                                grayscale=args.to_grayscale))
-    if args.save_dir:
-        written.append(save_each(generated.images, args.save_dir, grayscale=args.to_grayscale,
+        written.append(save_gif(generated.frames, gif, nrow=nrow, grayscale=grayscale))
+    if save_dir:
+        written.append(save_each(generated.images, save_dir, grayscale=grayscale,
                                  labels=generated.labels))
-    if args.show:
-        Image.open(written[0]).show()
     return written

@@ -20,7 +20,6 @@ exactly eps_guided for eps-, x0- and v-prediction models alike.
 
 from __future__ import annotations
 
-import difflib
 import math
 from collections.abc import Callable, Sequence
 
@@ -28,7 +27,8 @@ import torch
 from torch import Tensor
 
 from .config import Config
-from .errors import PixelDiffusionError
+from .errors import PixelDiffusionError, did_you_mean
+from .schedule import alphas_cumprod_at, sigma_of
 
 Model = Callable[..., Tensor]
 CLASS_KEYWORDS = ("all", "random")
@@ -46,12 +46,6 @@ def drop_labels(y: Tensor, p_uncond: float, null_class: int,
     return torch.where(drop, torch.full_like(y, null_class), y)
 
 
-def sigma_of(abar_t: float) -> float:
-    """The noise level sigma = sqrt((1 - abar_t) / abar_t) of x_t / sqrt(abar_t) (EDM's sigma,
-    Karras et al. 2022), the axis on which the guidance interval is stated."""
-    return math.sqrt((1.0 - abar_t) / abar_t)
-
-
 def guided_model(model: Model, labels: Tensor, guidance: float = 1.0, *,
                  alphas_cumprod: Tensor | None = None, interval: Sequence[float] = (),
                  null_class: int | None = None) -> Callable[[Tensor, Tensor], Tensor]:
@@ -66,8 +60,8 @@ def guided_model(model: Model, labels: Tensor, guidance: float = 1.0, *,
         otherwise one forward pass of 2N (cond and uncond stacked).
     interval: optional (sigma_lo, sigma_hi): guide only at steps with sigma_lo < sigma <= sigma_hi
         and use the plain conditional model elsewhere (Kynkäänniemi et al. 2024, "Applying
-        guidance in a limited interval", eq. 2); needs ``alphas_cumprod`` (float [T]) to turn
-        timesteps into sigma. Empty: guide at every step.
+        guidance in a limited interval", eq. 2); sigma is EDM's (``schedule.sigma_of``) and needs
+        ``alphas_cumprod`` (float [T]) to turn timesteps into sigma. Empty: guide at every step.
     null_class: the label meaning "no class" (num_classes); default ``model.null_class``.
     """
     if null_class is None:
@@ -81,7 +75,7 @@ def guided_model(model: Model, labels: Tensor, guidance: float = 1.0, *,
         y = labels.to(x_t.device)
         w = guidance
         if interval:
-            sigma = sigma_of(float(abar[int(t.reshape(-1)[0])]))
+            sigma = sigma_of(alphas_cumprod_at(abar, float(t.reshape(-1)[0])))
             w = guidance if sigma_lo < sigma <= sigma_hi else 1.0
         if w == 1.0:
             return model(x_t, t, y=y)
@@ -125,10 +119,8 @@ def parse_class(spec: str | int, num_classes: int, class_names: Sequence[str] = 
     try:
         index = int(text)
     except ValueError:
-        close = difflib.get_close_matches(text, names, n=1)
-        hint = f"did you mean '{close[0]}'? " if close else ""
-        raise PixelDiffusionError(f"unknown class '{text}'; {hint}valid classes: "
-                                  f"{_valid(names)}") from None
+        raise PixelDiffusionError(f"unknown class '{text}'; {did_you_mean(text, names)}valid "
+                                  f"classes: {_valid(names)}") from None
     if not 0 <= index < num_classes:
         raise PixelDiffusionError(f"class {index} is out of range: this model has {num_classes} "
                                   f"classes, 0..{num_classes - 1}; valid classes: {_valid(names)}")

@@ -1,8 +1,11 @@
-"""Pictures: tensors in [-1, 1] -> uint8 arrays -> grids and PNG files (written atomically)."""
+"""Pictures: tensors in [-1, 1] <-> uint8 pixels -> grids and PNG files (written atomically).
+
+The one conversion between the model's range and pixels: x = p / 127.5 - 1, so 0 -> -1 and
+255 -> 1 (``uint8_to_float``), and back p = round((x + 1) 127.5) (``float_to_uint8``).
+"""
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import numpy as np
@@ -10,11 +13,31 @@ import torch
 from PIL import Image
 from torch import Tensor
 
+from .files import atomic_write
+
+
+def uint8_to_float(pixels: Tensor | np.ndarray) -> Tensor:
+    """uint8 pixels in 0..255 (any shape) -> float32 in [-1, 1] of the same shape.
+
+    A numpy array is converted in numpy, on one thread: torch's multi-threaded kernels stall on
+    small tensors when the cores are busy (the data loader's batches)."""
+    if isinstance(pixels, np.ndarray):
+        x = pixels.astype(np.float32)
+        x /= 127.5
+        x -= 1.0
+        return torch.from_numpy(x)
+    return pixels.float().div_(127.5).sub_(1.0)
+
+
+def float_to_uint8(x: Tensor) -> Tensor:
+    """float in [-1, 1] (any shape) -> uint8 pixels in 0..255 of the same shape and device,
+    rounded to the nearest; values outside [-1, 1] are clipped."""
+    return ((x.detach().float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
+
 
 def to_uint8(x: Tensor) -> np.ndarray:
-    """[N, C, H, W] float in [-1, 1] -> uint8 [N, H, W, C] in 0..255 (outside values clipped)."""
-    x = ((x.detach().float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
-    return x.permute(0, 2, 3, 1).cpu().numpy()
+    """[N, C, H, W] float in [-1, 1] -> uint8 [N, H, W, C] pictures in 0..255 (PIL's layout)."""
+    return float_to_uint8(x).permute(0, 2, 3, 1).cpu().numpy()
 
 
 def make_grid(images: np.ndarray, nrow: int = 8, padding: int = 2,
@@ -39,12 +62,11 @@ def to_pil(image: np.ndarray, grayscale: bool = False) -> Image.Image:
 
 
 def atomic_save(image: Image.Image, path: str | Path, **save_kwargs) -> Path:
-    """Save ``image`` to ``path`` via a temporary file and a rename: never a half-written PNG."""
+    """Save ``image`` to ``path`` via a temporary file and a rename: never a half-written PNG.
+    No fsync: a picture lost to a power cut is redrawn, and a run writes many."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    image.save(tmp, format=save_kwargs.pop("format", None) or _format(path), **save_kwargs)
-    os.replace(tmp, path)
+    with atomic_write(path, fsync=False) as tmp:
+        image.save(tmp, format=save_kwargs.pop("format", None) or _format(path), **save_kwargs)
     return path
 
 

@@ -36,10 +36,34 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from .samplers import Denoiser, _abar, _vp, dpmpp_3m
-from .schedule import sampling_timesteps, timestep_of_sigma
+from .samplers import SAMPLERS, Denoiser, dpmpp_3m, is_stochastic
+from .schedule import (
+    alphas_cumprod_at,
+    sampling_timesteps,
+    sigma_of,
+    timestep_of_sigma,
+    vp_scalings,
+)
 
 GRID = 200  # teacher grid points: its error at 200 logsnr steps is far below any few-step sampler's
+
+
+def calibrated_timesteps(denoise: Denoiser, x_T: Tensor, alphas_cumprod: Tensor, steps: int, *,
+                         sampler: str | None = None, options: dict[str, Any] | None = None,
+                         samples: int = 32, seed: int = 0) -> Tensor:
+    """The "optimal" spacing for ``denoise``, fitted on ``samples`` fresh noise images shaped
+    like ``x_T`` (seed ``seed``, so the same model always gets the same timesteps) and, for a
+    deterministic ``sampler`` (a name in ``samplers.SAMPLERS``), checked with it and its
+    ``options`` (``optimal_timesteps``, step 5). Pass the result to ``samplers.sample`` as its
+    ``spacing``. Costs 200 + 5 x steps model calls on the calibration batch."""
+    options = options or {}
+    generator = torch.Generator(x_T.device).manual_seed(seed)
+    noise = torch.randn((samples, *x_T.shape[1:]), generator=generator, device=x_T.device,
+                        dtype=x_T.dtype)
+    deterministic = sampler is not None and not is_stochastic(sampler, options)
+    return optimal_timesteps(denoise, noise, alphas_cumprod, steps,
+                             sampler=SAMPLERS[sampler] if deterministic else None,
+                             **(options if deterministic else {}))
 
 
 @torch.no_grad()
@@ -73,7 +97,8 @@ def optimal_timesteps(denoise: Denoiser, x_T: Tensor, alphas_cumprod: Tensor, st
     dpmpp_3m(denoise, x_T, points, alphas_cumprod, callback=keep)
     X, X0 = torch.stack(xs), torch.stack(x0s)                         # [grid, N, D]
     alpha, sigma, lambda_ = torch.tensor(
-        [_vp(_abar(alphas_cumprod, t)) for t in points.tolist()], dtype=torch.float64).T
+        [vp_scalings(alphas_cumprod_at(alphas_cumprod, t)) for t in points.tolist()],
+        dtype=torch.float64).T
     cost = np.full((grid, grid), np.inf)
     for i in range(grid - 1):
         for j in range(i + 1, grid, chunk):  # bounded memory: chunk x N x D at a time
@@ -119,8 +144,7 @@ def _blend(alphas_cumprod: Tensor, a: Tensor, b: Tensor, weight: float) -> Tenso
 
 def _log_sigma(alphas_cumprod: Tensor, t: Tensor) -> Tensor:
     """log of EDM's sigma (= -lambda_) at float timesteps t."""
-    abar = torch.tensor([_abar(alphas_cumprod, float(v)) for v in t.tolist()], dtype=torch.float64)
-    return 0.5 * ((1 - abar) / abar).log()
+    return sigma_of(alphas_cumprod_at(alphas_cumprod, t)).log()
 
 
 def _cheapest_path(cost: np.ndarray, end_cost: np.ndarray, steps: int) -> list[int]:

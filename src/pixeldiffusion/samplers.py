@@ -21,12 +21,13 @@ noise std), lambda_ = log(alpha_t / sigma_t) (half the log-SNR); EDM's sigma is 
 At the data, sigma_t = 0 and lambda_ = inf; multistep methods take that last step at first order
 (x_0 = the last predicted x0), as DPM-Solver++ and UniPC do with ``lower_order_final``.
 
-Adding a sampler means adding one function here and one entry to ``SAMPLERS``.
+Adding a sampler means adding one function here and one entry to ``SAMPLERS``; its keyword-only
+parameters are its options (``option_names``), which a run fills from the ``config.SampleConfig``
+fields of the same name.
 """
 
 from __future__ import annotations
 
-import difflib
 import inspect
 import math
 from collections.abc import Callable, Sequence
@@ -35,8 +36,17 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from .config import SampleConfig
 from .diffusion import x0_eps_from_output
-from .schedule import alphas_cumprod_at, sampling_timesteps, timestep_of_sigma
+from .errors import did_you_mean
+from .schedule import (
+    MODEL_SPACINGS,
+    alphas_cumprod_at,
+    sampling_timesteps,
+    sigma_of,
+    timestep_of_sigma,
+    vp_scalings,
+)
 
 Denoiser = Callable[[Tensor, float], tuple[Tensor, Tensor]]
 Callback = Callable[[dict[str, Any]], None]
@@ -69,7 +79,8 @@ def make_denoiser(model: Callable[[Tensor, Tensor], Tensor], alphas_cumprod: Ten
         dtype = torch.long if isinstance(t, int) else \
             (x_t.dtype if x_t.is_floating_point() else torch.float32)
         t_batch = torch.full((x_t.shape[0],), t, device=x_t.device, dtype=dtype)
-        abar = torch.tensor(_abar(alphas_cumprod, t), device=x_t.device, dtype=x_t.dtype)
+        abar = torch.tensor(alphas_cumprod_at(alphas_cumprod, t), device=x_t.device,
+                            dtype=x_t.dtype)
         x0, eps = x0_eps_from_output(prediction, model(x_t, t_batch).to(x_t.dtype), x_t, abar)
         if dynamic_threshold > 0:  # Imagen, Sec. 2.3
             s = torch.quantile(x0.flatten(1).abs().float(), dynamic_threshold, dim=1)
@@ -83,14 +94,6 @@ def make_denoiser(model: Callable[[Tensor, Tensor], Tensor], alphas_cumprod: Ten
     return denoise
 
 
-def _abar(alphas_cumprod: Tensor, t: float) -> float:
-    if t < 0:
-        return 1.0
-    if isinstance(t, int):
-        return float(alphas_cumprod[t])
-    return float(alphas_cumprod_at(alphas_cumprod, t))
-
-
 def _pairs(timesteps: Tensor) -> list[tuple[float, float]]:
     """(t, t_prev) for every step: the timestep called and the one stepped to (-1 = data)."""
     ts = [_as_timestep(t) for t in timesteps.tolist()]
@@ -99,17 +102,6 @@ def _pairs(timesteps: Tensor) -> list[tuple[float, float]]:
 
 def _noise(x: Tensor, generator: torch.Generator | None) -> Tensor:
     return torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)
-
-
-def _vp(abar: float) -> tuple[float, float, float]:
-    """(alpha_t, sigma_t, lambda_) of abar; lambda_ = inf at the data (abar = 1)."""
-    alpha, sigma = math.sqrt(abar), math.sqrt(max(1.0 - abar, 0.0))
-    return alpha, sigma, (math.log(alpha / sigma) if sigma > 0 else math.inf)
-
-
-def _edm_sigma(abar: float) -> float:
-    """EDM's sigma = sqrt((1 - abar)/abar): x_t / sqrt(abar) = x0 + sigma eps (Karras Table 1)."""
-    return math.sqrt(max(1.0 - abar, 0.0) / abar)
 
 
 @torch.no_grad()
@@ -127,7 +119,8 @@ def ddim(denoise: Denoiser, x_T: Tensor, timesteps: Tensor, alphas_cumprod: Tens
         x0, eps = denoise(x, t)
         if callback is not None:
             callback({"i": i, "t": t, "x_t": x, "x0": x0})
-        abar_t, abar_prev = _abar(alphas_cumprod, t), _abar(alphas_cumprod, t_prev)
+        abar_t = alphas_cumprod_at(alphas_cumprod, t)
+        abar_prev = alphas_cumprod_at(alphas_cumprod, t_prev)
         sigma = eta * math.sqrt((1 - abar_prev) / (1 - abar_t) * (1 - abar_t / abar_prev))
         x = math.sqrt(abar_prev) * x0 + math.sqrt(max(1 - abar_prev - sigma**2, 0.0)) * eps
         if sigma > 0:
@@ -135,30 +128,47 @@ def ddim(denoise: Denoiser, x_T: Tensor, timesteps: Tensor, alphas_cumprod: Tens
     return x
 
 
+VAR_TYPES = ("fixed_small", "fixed_large")
+
+
+def check_var_type(var_type: str) -> None:
+    """Raise a ValueError naming the choices for an unknown DDPM variance."""
+    if var_type not in VAR_TYPES:
+        raise ValueError(f"unknown var_type '{var_type}'; use fixed_small or fixed_large")
+
+
+def ddpm_posterior(x0: Tensor, x_t: Tensor, abar_t: float, abar_prev: float,
+                   var_type: str = "fixed_small") -> tuple[Tensor, float]:
+    """(mean, variance) of the DDPM posterior q(x_prev | x_t, x0) (Ho et al. 2020, eq. 6-7),
+    generalised to skipped steps with beta = 1 - abar_t / abar_prev:
+
+    mean = sqrt(abar_prev) beta / (1 - abar_t) x0 + sqrt(1 - beta) (1 - abar_prev)/(1 - abar_t) x_t
+    var  = beta (1 - abar_prev)/(1 - abar_t)   (fixed_small, beta tilde)   or   beta (fixed_large).
+
+    x0, x_t: tensors of one shape; abar_prev = 1 (the data) gives mean = x0 and var = 0.
+    """
+    beta = 1 - abar_t / abar_prev
+    mean = (math.sqrt(abar_prev) * beta / (1 - abar_t)) * x0 \
+        + (math.sqrt(1 - beta) * (1 - abar_prev) / (1 - abar_t)) * x_t
+    var = beta * (1 - abar_prev) / (1 - abar_t) if var_type == "fixed_small" else beta
+    return mean, var
+
+
 @torch.no_grad()
 def ddpm(denoise: Denoiser, x_T: Tensor, timesteps: Tensor, alphas_cumprod: Tensor, *,
          var_type: str = "fixed_small", generator: torch.Generator | None = None,
          callback: Callback | None = None) -> Tensor:
-    """DDPM ancestral sampling (Ho et al. 2020, Alg. 2) through the posterior q(x_prev | x_t, x0)
-    (eq. 6-7), generalised to skipped steps with beta = 1 - abar_t / abar_prev:
-
-    mean = sqrt(abar_prev) beta / (1 - abar_t) x0 + sqrt(1 - beta) (1 - abar_prev)/(1 - abar_t) x_t
-    var  = beta (1 - abar_prev)/(1 - abar_t)   (fixed_small, beta tilde)   or   beta (fixed_large).
-    No noise is added on the last step.
-    """
-    if var_type not in ("fixed_small", "fixed_large"):
-        raise ValueError(f"unknown var_type '{var_type}'; use fixed_small or fixed_large")
+    """DDPM ancestral sampling (Ho et al. 2020, Alg. 2): x_prev ~ q(x_prev | x_t, x0) with the
+    model's x0 (``ddpm_posterior``). No noise is added on the last step."""
+    check_var_type(var_type)
     x = x_T
     for i, (t, t_prev) in enumerate(_pairs(timesteps)):
         x0, _ = denoise(x, t)
         if callback is not None:
             callback({"i": i, "t": t, "x_t": x, "x0": x0})
-        abar_t, abar_prev = _abar(alphas_cumprod, t), _abar(alphas_cumprod, t_prev)
-        beta = 1 - abar_t / abar_prev
-        x = (math.sqrt(abar_prev) * beta / (1 - abar_t)) * x0 \
-            + (math.sqrt(1 - beta) * (1 - abar_prev) / (1 - abar_t)) * x
+        x, var = ddpm_posterior(x0, x, alphas_cumprod_at(alphas_cumprod, t),
+                                alphas_cumprod_at(alphas_cumprod, t_prev), var_type)
         if t_prev >= 0:
-            var = beta * (1 - abar_prev) / (1 - abar_t) if var_type == "fixed_small" else beta
             x = x + math.sqrt(var) * _noise(x, generator)
     return x
 
@@ -194,18 +204,19 @@ def heun(denoise: Denoiser, x_T: Tensor, timesteps: Tensor, alphas_cumprod: Tens
     model is evaluated at sigma_hat (a float timestep between those of the spacing).
     ``second_order=False`` is Alg. 1 / ``euler``.
     """
-    x_tilde = x_T / math.sqrt(_abar(alphas_cumprod, float(timesteps[0])))
+    x_tilde = x_T / math.sqrt(alphas_cumprod_at(alphas_cumprod, float(timesteps[0])))
     pairs = _pairs(timesteps)
     for i, (t, t_prev) in enumerate(pairs):
-        abar_t, abar_prev = _abar(alphas_cumprod, t), _abar(alphas_cumprod, t_prev)
-        sigma, sigma_next = _edm_sigma(abar_t), _edm_sigma(abar_prev)
+        abar_t = alphas_cumprod_at(alphas_cumprod, t)
+        abar_prev = alphas_cumprod_at(alphas_cumprod, t_prev)
+        sigma, sigma_next = sigma_of(abar_t), sigma_of(abar_prev)
         gamma = min(s_churn / len(pairs), math.sqrt(2) - 1) if s_tmin <= sigma <= s_tmax else 0.0
         if gamma > 0:  # Alg. 2 lines 4-6: raise the noise level to sigma_hat
-            sigma_hat = min(sigma * (1 + gamma), _edm_sigma(float(alphas_cumprod[-1])))
+            sigma_hat = min(sigma * (1 + gamma), sigma_of(float(alphas_cumprod[-1])))
             x_tilde = x_tilde + math.sqrt(max(sigma_hat**2 - sigma**2, 0.0)) * s_noise \
                 * _noise(x_tilde, generator)
             t_hat = _as_timestep(float(timestep_of_sigma(alphas_cumprod, torch.tensor(sigma_hat))))
-            sigma, abar_t, t = sigma_hat, _abar(alphas_cumprod, t_hat), t_hat
+            sigma, abar_t, t = sigma_hat, alphas_cumprod_at(alphas_cumprod, t_hat), t_hat
         x_t = x_tilde * math.sqrt(abar_t)
         x0, _ = denoise(x_t, t)
         if callback is not None:
@@ -241,8 +252,9 @@ def euler_ancestral(denoise: Denoiser, x_T: Tensor, timesteps: Tensor, alphas_cu
         x0, eps = denoise(x, t)
         if callback is not None:
             callback({"i": i, "t": t, "x_t": x, "x0": x0})
-        abar_t, abar_prev = _abar(alphas_cumprod, t), _abar(alphas_cumprod, t_prev)
-        sigma, sigma_next = _edm_sigma(abar_t), _edm_sigma(abar_prev)
+        abar_t = alphas_cumprod_at(alphas_cumprod, t)
+        abar_prev = alphas_cumprod_at(alphas_cumprod, t_prev)
+        sigma, sigma_next = sigma_of(abar_t), sigma_of(abar_prev)
         sigma_up = min(sigma_next,
                        eta * math.sqrt(sigma_next**2 * (sigma**2 - sigma_next**2) / sigma**2))
         sigma_down = math.sqrt(sigma_next**2 - sigma_up**2)
@@ -288,8 +300,8 @@ def dpmpp_2m_sde(denoise: Denoiser, x_T: Tensor, timesteps: Tensor, alphas_cumpr
         x0, _ = denoise(x, t)
         if callback is not None:
             callback({"i": i, "t": t, "x_t": x, "x0": x0})
-        _, sigma_t, lambda_t = _vp(_abar(alphas_cumprod, t))
-        alpha_next, sigma_next, lambda_next = _vp(_abar(alphas_cumprod, t_prev))
+        _, sigma_t, lambda_t = vp_scalings(alphas_cumprod_at(alphas_cumprod, t))
+        alpha_next, sigma_next, lambda_next = vp_scalings(alphas_cumprod_at(alphas_cumprod, t_prev))
         if t_prev < 0:  # to the data: first order, x_0 = x0
             return x0
         h = lambda_next - lambda_t
@@ -326,8 +338,8 @@ def dpmpp_3m(denoise: Denoiser, x_T: Tensor, timesteps: Tensor, alphas_cumprod: 
         x0, _ = denoise(x, t)
         if callback is not None:
             callback({"i": i, "t": t, "x_t": x, "x0": x0})
-        _, sigma_t, lambda_t = _vp(_abar(alphas_cumprod, t))
-        alpha_next, sigma_next, lambda_next = _vp(_abar(alphas_cumprod, t_prev))
+        _, sigma_t, lambda_t = vp_scalings(alphas_cumprod_at(alphas_cumprod, t))
+        alpha_next, sigma_next, lambda_next = vp_scalings(alphas_cumprod_at(alphas_cumprod, t_prev))
         if t_prev < 0:
             return x0
         h = lambda_next - lambda_t
@@ -404,7 +416,7 @@ def unipc(denoise: Denoiser, x_T: Tensor, timesteps: Tensor, alphas_cumprod: Ten
         x0, _ = denoise(x, t)
         if callback is not None:
             callback({"i": i, "t": t, "x_t": x, "x0": x0})
-        alpha_t, sigma_t, lambda_t = _vp(_abar(alphas_cumprod, t))
+        alpha_t, sigma_t, lambda_t = vp_scalings(alphas_cumprod_at(alphas_cumprod, t))
         if corrector and last is not None:  # UniC: correct x with the model output at x
             x_last, sigma_last, lambda_last, last_order = last
             h = lambda_t - lambda_last
@@ -419,7 +431,7 @@ def unipc(denoise: Denoiser, x_T: Tensor, timesteps: Tensor, alphas_cumprod: Ten
             x = (sigma_t / sigma_last) * x_last - alpha_t * math.expm1(-h) * m0 \
                 - alpha_t * B_h * correction
         history = [*history[-2:], (x0, lambda_t)]
-        alpha_next, sigma_next, lambda_next = _vp(_abar(alphas_cumprod, t_prev))
+        alpha_next, sigma_next, lambda_next = vp_scalings(alphas_cumprod_at(alphas_cumprod, t_prev))
         if t_prev < 0:
             return x0
         this_order = min(order, len(history), len(pairs) - i if lower_order_final else order)
@@ -444,56 +456,76 @@ SAMPLERS: dict[str, Callable[..., Tensor]] = {
     "heun": heun, "dpmpp_2m": dpmpp_2m, "dpmpp_2m_sde": dpmpp_2m_sde, "dpmpp_3m": dpmpp_3m,
     "unipc": unipc,
 }
-
-
-def nfe_of(sampler: str, steps: int) -> int:
-    """Model calls (NFE) of ``sampler`` over ``steps`` timesteps: 2 steps - 1 for ``heun``
-    (without churn), ``steps`` for every other sampler."""
-    return 2 * steps - 1 if sampler == "heun" else steps
+CONTRACT = ("generator", "callback")  # keywords every sampler takes; not options of its own
 
 
 def check_sampler(name: str) -> None:
     """Raise a ValueError with a "did you mean" hint for an unknown sampler name."""
     if name not in SAMPLERS:
-        close = difflib.get_close_matches(name, SAMPLERS, n=1)
-        hint = f"did you mean '{close[0]}'? " if close else ""
-        raise ValueError(f"unknown sampler '{name}'; {hint}use one of {', '.join(SAMPLERS)}")
+        raise ValueError(f"unknown sampler '{name}'; {did_you_mean(name, SAMPLERS)}use one of "
+                         f"{', '.join(SAMPLERS)}")
+
+
+def option_defaults(sampler: str) -> dict[str, Any]:
+    """The options ``sampler`` takes and their defaults: its keyword-only parameters (e.g.
+    ``eta``, ``var_type``, ``order``), without the contract's ``generator`` and ``callback``."""
+    check_sampler(sampler)
+    return {name: p.default for name, p in inspect.signature(SAMPLERS[sampler]).parameters.items()
+            if p.kind is p.KEYWORD_ONLY and name not in CONTRACT}
+
+
+def option_names(sampler: str) -> tuple[str, ...]:
+    """The names of ``option_defaults(sampler)``."""
+    return tuple(option_defaults(sampler))
+
+
+def nfe_of(sampler: str, steps: int) -> int:
+    """Model calls (NFE) of ``sampler`` over ``steps`` timesteps: 2 steps - 1 for ``heun``
+    (with or without churn), ``steps`` for every other sampler."""
+    return 2 * steps - 1 if sampler == "heun" else steps
+
+
+def default_spacing(sampler: str) -> str:
+    """The spacing ``sample`` uses for ``sampler`` when none is given."""
+    if sampler in ("ddpm", "ddim"):
+        return "uniform"
+    if sampler in ("euler", "heun", "euler_ancestral"):
+        return "karras"
+    return "logsnr"
 
 
 def sample(model: Callable[[Tensor, Tensor], Tensor], x_T: Tensor, alphas_cumprod: Tensor, *,
-           sampler: str = "unipc", steps: int = 10, spacing: str | Sequence[float] | None = None,
-           prediction: str = "eps", clip_x0: bool = True, dynamic_threshold: float = 0.0,
+           sampler: str = SampleConfig.sampler, steps: int = SampleConfig.steps,
+           spacing: str | Sequence[float] | Tensor | None = SampleConfig.spacing,
+           prediction: str = "eps", clip_x0: bool = SampleConfig.clip_x0,
+           dynamic_threshold: float = SampleConfig.dynamic_threshold,
            generator: torch.Generator | None = None, callback: Callback | None = None,
-           skip_type: str | None = None, **options: Any) -> Tensor:
-    """Draw x_0 from any noise-, x0- or v-prediction model.
+           **options: Any) -> Tensor:
+    """Draw x_0 from any noise-, x0- or v-prediction model. The defaults are those of a run's
+    sample section (``config.SampleConfig``).
 
     model: ``model(x_t, t) -> eps | x0 | v`` with x_t [N, ...] and t [N] in [0, T-1]: long for
         integer spacings, float for ``karras`` / ``logsnr``.
     x_T: [N, ...] standard normal noise. alphas_cumprod: the training schedule, shape [T].
     sampler: a name in ``SAMPLERS``; steps: timesteps (= NFE, except ``heun``: 2 steps - 1).
-    spacing: ``schedule.SPACINGS`` name, "optimal" or an explicit list of timesteps; default
-        "logsnr" for ``unipc`` and the DPM-Solver++ samplers, "karras" for euler/heun/
-        euler_ancestral, "uniform" for ddpm/ddim. "optimal" first fits the timesteps to this model
-        (``optimal_steps.optimal_timesteps``: 200 + 5 x steps extra model calls on 32
-        calibration samples drawn with seed 0, not ``x_T``); to pay that once, call it yourself
-        and pass its result.
-        ``skip_type``: deprecated alias of ``spacing``.
+    spacing: a ``schedule.SPACINGS`` name or explicit timesteps (e.g. those that
+        ``optimal_steps.calibrated_timesteps`` fits to a model); None: ``default_spacing``
+        ("logsnr" for ``unipc`` and the DPM-Solver++ samplers, "karras" for euler/heun/
+        euler_ancestral, "uniform" for ddpm/ddim).
     clip_x0 / dynamic_threshold: see ``make_denoiser``; False / 0 leave the math untouched.
-    options: the sampler's own keywords (``eta``, ``var_type``, ``order``, ``variant``, ...).
+    options: the sampler's own keywords (``option_names``: ``eta``, ``var_type``, ``order``...).
     Returns x_0 [N, ...], in [-1, 1] for image models with clipping.
     """
     check_sampler(sampler)
-    spacing = spacing if spacing is not None else skip_type
     if spacing is None:
         spacing = default_spacing(sampler)
+    if isinstance(spacing, str) and spacing in MODEL_SPACINGS:
+        raise ValueError(f"the '{spacing}' spacing is fitted to a model: pass the timesteps "
+                         f"that optimal_steps.calibrated_timesteps returns as the spacing")
     alphas_cumprod = alphas_cumprod.detach().double().cpu()
     denoise = make_denoiser(model, alphas_cumprod, prediction=prediction, clip_x0=clip_x0,
                             dynamic_threshold=dynamic_threshold)
-    if isinstance(spacing, str) and spacing == "optimal":
-        timesteps = calibrated_timesteps(denoise, x_T, alphas_cumprod, steps, sampler=sampler,
-                                         options=options)
-    else:
-        timesteps = sampling_timesteps(len(alphas_cumprod), steps, spacing, alphas_cumprod)
+    timesteps = sampling_timesteps(len(alphas_cumprod), steps, spacing, alphas_cumprod)
     return SAMPLERS[sampler](denoise, x_T, timesteps, alphas_cumprod, generator=generator,
                              callback=callback, **options)
 
@@ -509,31 +541,3 @@ def is_stochastic(sampler: str, options: dict[str, Any] | None = None) -> bool:
     parameters = inspect.signature(SAMPLERS[sampler]).parameters
     return any(float(options.get(name, parameters[name].default)) > 0
                for name in ("eta", "s_churn") if name in parameters)
-
-
-def calibrated_timesteps(denoise: Denoiser, x_T: Tensor, alphas_cumprod: Tensor, steps: int, *,
-                         sampler: str | None = None, options: dict[str, Any] | None = None,
-                         samples: int = 32, seed: int = 0) -> Tensor:
-    """The "optimal" spacing for ``denoise``, fitted on ``samples`` fresh noise images shaped
-    like ``x_T`` (seed ``seed``, so the same model always gets the same timesteps) and, for a
-    deterministic ``sampler``, checked with it and its ``options``
-    (``optimal_steps.optimal_timesteps``)."""
-    from .optimal_steps import optimal_timesteps
-
-    options = options or {}
-    generator = torch.Generator(x_T.device).manual_seed(seed)
-    noise = torch.randn((samples, *x_T.shape[1:]), generator=generator, device=x_T.device,
-                        dtype=x_T.dtype)
-    deterministic = sampler is not None and not is_stochastic(sampler, options)
-    return optimal_timesteps(denoise, noise, alphas_cumprod, steps,
-                             sampler=SAMPLERS[sampler] if deterministic else None,
-                             **(options if deterministic else {}))
-
-
-def default_spacing(sampler: str) -> str:
-    """The spacing ``sample`` uses for ``sampler`` when none is given."""
-    if sampler in ("ddpm", "ddim"):
-        return "uniform"
-    if sampler in ("euler", "heun", "euler_ancestral"):
-        return "karras"
-    return "logsnr"

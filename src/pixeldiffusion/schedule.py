@@ -7,7 +7,6 @@ t = 0 is the first noising step (x_1 in the paper's 1-based notation).
 
 from __future__ import annotations
 
-import difflib
 import math
 from collections.abc import Sequence
 from typing import TYPE_CHECKING
@@ -15,6 +14,8 @@ from typing import TYPE_CHECKING
 import numpy as np
 import torch
 from torch import Tensor
+
+from .errors import did_you_mean
 
 if TYPE_CHECKING:
     from .config import Config
@@ -72,28 +73,52 @@ def alphas_cumprod_of(cfg: Config) -> Tensor:
                                                 d.beta_end))
 
 
-def sigmas_of(alphas_cumprod: Tensor) -> Tensor:
-    """EDM's noise level sigma_t = sqrt((1 - abar_t) / abar_t) of x_t / sqrt(abar_t) (Karras et
-    al. 2022, Table 1, VP column). float64 [T], increasing in t. log-SNR: lambda_ = -log(sigma)."""
-    abar = alphas_cumprod.double()
-    return ((1 - abar) / abar).sqrt()
+def sigma_of(abar: float | Tensor) -> float | Tensor:
+    """EDM's noise level sigma = sqrt((1 - abar) / abar) of x_t / sqrt(abar) = x0 + sigma eps
+    (Karras et al. 2022, Table 1, VP column); log-SNR/2: lambda_ = -log(sigma).
+
+    A float gives a float (0 at the data, abar = 1); a tensor (e.g. the schedule [T]) gives
+    float64 of its shape, increasing in t.
+    """
+    if isinstance(abar, Tensor):
+        abar = abar.double()
+        return ((1 - abar) / abar).sqrt()
+    return math.sqrt(max(1.0 - abar, 0.0) / abar)
 
 
-def alphas_cumprod_at(alphas_cumprod: Tensor, t: Tensor | float) -> Tensor:
-    """abar at (possibly non-integer) timesteps t in [0, T-1], float64 of t's shape.
+def vp_scalings(abar: float) -> tuple[float, float, float]:
+    """(alpha_t, sigma_t, lambda_) of abar_t in DPM-Solver's notation (Lu et al. 2022):
+    alpha_t = sqrt(abar_t), sigma_t = sqrt(1 - abar_t), lambda_ = log(alpha_t / sigma_t);
+    lambda_ = inf at the data (abar = 1)."""
+    alpha, sigma = math.sqrt(abar), math.sqrt(max(1.0 - abar, 0.0))
+    return alpha, sigma, (math.log(alpha / sigma) if sigma > 0 else math.inf)
+
+
+def alphas_cumprod_at(alphas_cumprod: Tensor, t: Tensor | float) -> Tensor | float:
+    """abar at (possibly non-integer) timesteps t in [0, T-1].
+
+    A tensor t gives float64 of t's shape. A number t gives a float, and t < 0 (the samplers'
+    t = -1, one step past t = 0) gives abar = 1, the data.
 
     Integer t is an exact table look-up. Between two integers, log(sigma) is interpolated
     linearly and abar = 1 / (1 + sigma^2), as k-diffusion's ``DiscreteSchedule`` and diffusers'
     ``_sigma_to_t`` do, so ``timestep_of_sigma`` inverts it exactly.
     """
+    if not isinstance(t, Tensor):
+        if t < 0:
+            return 1.0
+        if float(t).is_integer() and t <= len(alphas_cumprod) - 1:
+            return float(alphas_cumprod[int(t)])
+        t = torch.tensor(float(t), dtype=torch.float64)
+        return float(alphas_cumprod_at(alphas_cumprod, t))
     ac = alphas_cumprod.detach().double().cpu()
-    t = torch.as_tensor(t, dtype=torch.float64).cpu()
+    t = t.to(dtype=torch.float64, device="cpu")
     if not bool(((t >= 0) & (t <= len(ac) - 1)).all()):
         raise ValueError(f"timesteps must lie in [0, {len(ac) - 1}]; got {t.tolist()}")
     low = t.floor().long()
     high = (low + 1).clamp(max=len(ac) - 1)
     frac = t - low
-    log_sigma = sigmas_of(ac).log()
+    log_sigma = sigma_of(ac).log()
     interpolated = log_sigma[low] * (1 - frac) + log_sigma[high] * frac
     return torch.where(frac == 0, ac[low], 1 / (1 + (2 * interpolated).exp()))
 
@@ -101,14 +126,14 @@ def alphas_cumprod_at(alphas_cumprod: Tensor, t: Tensor | float) -> Tensor:
 def timestep_of_sigma(alphas_cumprod: Tensor, sigma: Tensor) -> Tensor:
     """The float timestep t whose noise level is ``sigma`` (inverse of ``alphas_cumprod_at``;
     log(sigma) linear between integer steps). sigma is clamped to the schedule's range."""
-    log_sigma = sigmas_of(alphas_cumprod).log().numpy()
+    log_sigma = sigma_of(alphas_cumprod).log().numpy()
     target = np.log(np.asarray(sigma, dtype=np.float64))
     t = np.interp(target, log_sigma, np.arange(len(log_sigma), dtype=np.float64))
     return torch.as_tensor(t, dtype=torch.float64)
 
 
 SPACINGS = ("uniform", "leading", "linspace", "quadratic", "karras", "logsnr")
-MODEL_SPACINGS = ("optimal",)  # fitted to a model: optimal_steps.py, through samplers.sample
+MODEL_SPACINGS = ("optimal",)  # fitted to a model: optimal_steps.calibrated_timesteps
 
 
 def _explicit(spacing: str | Sequence[float] | Tensor) -> Tensor | None:
@@ -158,20 +183,18 @@ def sampling_timesteps(T: int, steps: int, spacing: str | Sequence[float] | Tens
                              f" got {explicit.tolist()}")
         return explicit
     if spacing in MODEL_SPACINGS:
-        raise ValueError(f"the '{spacing}' spacing is fitted to a model: use samplers.sample(..., "
-                         f"spacing='{spacing}') or optimal_steps.optimal_timesteps")
+        raise ValueError(f"the '{spacing}' spacing is fitted to a model: fit it with "
+                         f"optimal_steps.calibrated_timesteps and pass the timesteps it returns")
     if spacing not in SPACINGS:
         names = SPACINGS + MODEL_SPACINGS
-        close = difflib.get_close_matches(str(spacing), names, n=1)
-        hint = f"did you mean '{close[0]}'? " if close else ""
-        raise ValueError(f"unknown spacing '{spacing}'; {hint}use one of {', '.join(names)} or "
-                         f"a comma-separated list of timesteps")
+        raise ValueError(f"unknown spacing '{spacing}'; {did_you_mean(spacing, names)}use one of "
+                         f"{', '.join(names)} or a comma-separated list of timesteps")
     if not 1 <= steps <= T:
         raise ValueError(f"steps must be in [1, {T}] (the model's timesteps); got {steps}")
     if spacing in ("karras", "logsnr"):
         if alphas_cumprod is None:
             raise ValueError(f"the '{spacing}' spacing needs alphas_cumprod")
-        sigmas = sigmas_of(alphas_cumprod)
+        sigmas = sigma_of(alphas_cumprod)
         sigma_min, sigma_max = float(sigmas[0]), float(sigmas[-1])
         ramp = np.linspace(0, 1, steps)
         if spacing == "karras":  # EDM eq. 5

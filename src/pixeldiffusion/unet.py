@@ -23,26 +23,27 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .config import ModelConfig
-from .errors import ConfigError
+from .config import ModelConfig, check_architecture
 
 GROUP_NORM_EPS = 1e-6  # tf.contrib.layers.group_norm, as in the DDPM code
 
 
 def timestep_embedding(t: Tensor, dim: int, max_period: float = 10000.0, *,
-                       flip_sin_to_cos: bool = False, freq_shift: float = 1.0) -> Tensor:
+                       flip_sin_to_cos: bool = False, freq_shift: float = 1.0,
+                       dtype: torch.dtype = torch.float32) -> Tensor:
     """Sinusoidal embedding of (possibly fractional) timesteps, as ``get_timestep_embedding``.
 
-    t: [N] timesteps, any real dtype. Returns [N, dim] float32: ``sin`` in the first half and
+    t: [N] timesteps, any real dtype. Returns [N, dim] of ``dtype`` (float32, or float64 for a
+    model in double precision): ``sin`` in the first half and
     ``cos`` in the second (swapped with ``flip_sin_to_cos``), frequencies
     ``max_period ** (-i / (dim // 2 - freq_shift))``; an odd ``dim`` is padded with one zero
     column. The defaults are the DDPM code's; diffusers' ``Timesteps`` names the same two knobs.
-    Computed in float32 whatever the autocast state.
+    Computed in ``dtype`` whatever the autocast state.
     """
     half = dim // 2
-    exponent = torch.arange(half, device=t.device, dtype=torch.float32) / max(half - freq_shift, 1)
+    exponent = torch.arange(half, device=t.device, dtype=dtype) / max(half - freq_shift, 1)
     freqs = torch.exp(-math.log(max_period) * exponent)
-    args = t.float()[:, None] * freqs[None]
+    args = t.to(dtype)[:, None] * freqs[None]
     emb = torch.cat([torch.sin(args), torch.cos(args)], dim=1)
     if flip_sin_to_cos:
         emb = torch.cat([emb[:, half:], emb[:, :half]], dim=1)
@@ -148,30 +149,6 @@ class EmbedSequential(nn.Sequential):
         return x
 
 
-def _check_config(image_size: int, channels: int, channel_mult: Sequence[int],
-                  attn_resolutions: Sequence[int], num_heads: int, norm_groups: int) -> None:
-    """Raise a ConfigError (a ValueError) naming the config key of an impossible architecture."""
-    if not channel_mult or min(channel_mult) < 1:
-        raise ConfigError("config key 'model.channel_mult' must list positive multipliers, "
-                          f"e.g. 1,2,2; got {list(channel_mult)}")
-    down = 2 ** (len(channel_mult) - 1)
-    if image_size % down:
-        raise ConfigError(f"config key 'data.image_size' ({image_size}) must be divisible by "
-                          f"{down}, the downsampling of model.channel_mult {list(channel_mult)}")
-    widths = [channels * mult for mult in channel_mult]
-    if any(width % norm_groups for width in widths):
-        raise ConfigError(f"config key 'model.norm_groups' ({norm_groups}) must divide every "
-                          f"level's channels model.channels x channel_mult ({widths})")
-    if any(width % num_heads for width in widths):
-        raise ConfigError(f"config key 'model.num_heads' ({num_heads}) must divide every "
-                          f"level's channels model.channels x channel_mult ({widths})")
-    levels = [image_size // 2**i for i in range(len(channel_mult))]
-    unknown = sorted(set(attn_resolutions) - set(levels))
-    if unknown:
-        raise ConfigError(f"config key 'model.attn_resolutions' has {unknown}, which is not among "
-                          f"the model's resolutions {levels}")
-
-
 class UNet(nn.Module):
     """The DDPM noise-prediction network ``model(x_t, t, y) -> eps | x0 | v``.
 
@@ -188,7 +165,8 @@ class UNet(nn.Module):
         num_classes: 0 for an unconditional model, else the number of class labels; label
             ``num_classes`` (``null_class``) means "no label" for classifier-free guidance.
         out_channels: output channels, ``in_channels`` by default.
-        flip_sin_to_cos, freq_shift: the timestep embedding's layout (``timestep_embedding``).
+        flip_sin_to_cos: ``cos`` before ``sin`` in the timestep embedding (``timestep_embedding``).
+        freq_shift: the timestep embedding's frequency shift (``timestep_embedding``).
         norm_eps: epsilon of every GroupNorm.
         downsample_padding: 1 (pad all sides) or 0 (right/bottom only, TF "SAME"); ``Downsample``.
     """
@@ -201,8 +179,14 @@ class UNet(nn.Module):
                  freq_shift: float = 1.0, norm_eps: float = GROUP_NORM_EPS,
                  downsample_padding: int = 1):
         super().__init__()
-        _check_config(image_size, channels, channel_mult, attn_resolutions, num_heads,
-                      norm_groups)
+        check_architecture(
+            ModelConfig(channels=channels, channel_mult=tuple(channel_mult),
+                        num_res_blocks=num_res_blocks, attn_resolutions=tuple(attn_resolutions),
+                        dropout=dropout, num_heads=num_heads, norm_groups=norm_groups,
+                        num_classes=num_classes, flip_sin_to_cos=flip_sin_to_cos,
+                        freq_shift=freq_shift, norm_eps=norm_eps,
+                        downsample_padding=downsample_padding),
+            image_size=image_size, in_channels=in_channels, out_channels=out_channels)
         self.in_channels = in_channels
         self.out_channels = out_channels or in_channels
         self.channels = channels
@@ -265,8 +249,10 @@ class UNet(nn.Module):
         if t.shape != (n,):
             raise ValueError(f"timesteps t must have shape [{n}] or be a scalar; "
                              f"got shape {list(t.shape)}")
+        # float32, or float64 when the model was converted with .double() (reference checks)
+        dtype = torch.float64 if self.temb[0].weight.dtype == torch.float64 else torch.float32
         temb = self.temb(timestep_embedding(t, self.channels, flip_sin_to_cos=self.flip_sin_to_cos,
-                                            freq_shift=self.freq_shift))
+                                            freq_shift=self.freq_shift, dtype=dtype))
         if self.class_emb is None:
             if y is not None:
                 raise ValueError("class labels y were given to an unconditional model; "
