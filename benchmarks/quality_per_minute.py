@@ -57,8 +57,11 @@ from pixeldiffusion import evaluate
 from pixeldiffusion.checkpoint import load_checkpoint
 from pixeldiffusion.config import Config, load_config
 from pixeldiffusion.digit_classifier import builtin_digits
+from pixeldiffusion.features import digit_extractor
 from pixeldiffusion.generate import generate
+from pixeldiffusion.image_sets import Images
 from pixeldiffusion.images import save_grid
+from pixeldiffusion.reference import reference_features
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -233,11 +236,11 @@ def main() -> None:
     if args.cores == 2:
         pin(args.core)
 
-    extractor = evaluate.digit_extractor()
-    reference = evaluate.reference_features("digits", extractor, resolution=32, channels=1)
+    extractor = digit_extractor()
+    reference = reference_features("digits", extractor, resolution=32, channels=1)
 
     def digit_fid(x: torch.Tensor) -> float:
-        return evaluate.score(evaluate.Images(x, None, ""), reference, extractor,
+        return evaluate.score(Images(x, None, ""), reference, extractor,
                               kid_subsets=10)[0]["digit_fid"]
 
     held_out, _ = builtin_digits("heldout")  # sorted by class: take a random subset

@@ -196,3 +196,22 @@ def test_loaded_weights_are_trainable_float32_parameters(tmp_path, tiny_config):
     assert params.keys() == dict(ema.named_parameters()).keys()
     assert all(p.dtype == torch.float32 and p.device.type == "cpu" for p in params.values())
     assert not any(p.is_meta for p in loaded.parameters())
+
+
+@pytest.mark.parametrize("version, expected_eta", [("0.1.0", None), (None, 0.0)])
+def test_a_0_1_checkpoint_keeps_its_samplers_eta(tmp_path, tiny_config, monkeypatch,
+                                                 version, expected_eta):
+    """0.1 stored sample.eta 0.0 in every config, but eta then reached DDIM alone: loaded today
+    it must not make dpmpp_2m_sde deterministic. A current checkpoint keeps what it says."""
+    from dataclasses import replace
+
+    import pixeldiffusion.checkpoint as checkpoint_module
+
+    if version is not None:
+        monkeypatch.setattr(checkpoint_module, "__version__", version)
+    cfg = replace(tiny_config, sample=replace(tiny_config.sample, sampler="dpmpp_2m_sde", eta=0.0))
+    model, ema = _models(cfg)
+    save_checkpoint(tmp_path, 1, model, ema, {"step": 1}, cfg)
+    loaded = load_checkpoint(tmp_path)
+    assert loaded.config.sample.sampler == "dpmpp_2m_sde"
+    assert loaded.config.sample.eta == expected_eta

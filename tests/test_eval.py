@@ -11,10 +11,12 @@ import torch.nn.functional as F
 from PIL import Image
 
 from pixeldiffusion import digit_classifier as dc
-from pixeldiffusion import evaluate, metrics
+from pixeldiffusion import evaluate, features, image_sets, metrics
+from pixeldiffusion import reference as refs
 from pixeldiffusion.cli import main
 from pixeldiffusion.errors import DataError, PixelDiffusionError
-from pixeldiffusion.samplers import SAMPLERS
+from pixeldiffusion.samplers import SAMPLERS, nfe_of
+from pixeldiffusion.samplers import sample as pd_sample
 
 
 @pytest.fixture(scope="module")
@@ -24,7 +26,7 @@ def cache_root(tmp_path_factory):
 
 @pytest.fixture(autouse=True)
 def _cache_env(cache_root, monkeypatch):
-    monkeypatch.setenv(evaluate.CACHE_ENV, str(cache_root))
+    monkeypatch.setenv(refs.CACHE_ENV, str(cache_root))
 
 
 @pytest.fixture(scope="module")
@@ -63,8 +65,8 @@ def test_classifier_outputs_and_splits(digits):
 
 def test_calibration_real_beats_blurred_beats_noise(digits):
     model, x_in, _, x_out, _ = digits
-    cached = evaluate.reference_features("digits", evaluate.digit_extractor(), resolution=32,
-                                         channels=1)  # the held-in features, computed once
+    cached = refs.reference_features("digits", features.digit_extractor(), resolution=32,
+                                     channels=1)  # the held-in features, computed once
     reference = cached.stats
     kernel = torch.tensor([1.0, 4.0, 6.0, 4.0, 1.0])
     kernel = (kernel[:, None] * kernel[None]) / 256
@@ -89,40 +91,40 @@ def test_calibration_real_beats_blurred_beats_noise(digits):
 def _fake_extractor(key):
     """A cheap extractor: 4x4 average-pooled grey pixels as 16-d features."""
     def fn(images):
-        return evaluate.Features(F.adaptive_avg_pool2d(images.mean(1, keepdim=True), 4)
+        return features.Features(F.adaptive_avg_pool2d(images.mean(1, keepdim=True), 4)
                                  .flatten(1), None)
-    return evaluate.Extractor("fake", key, f"fake {key}", 16, 100, fn)
+    return features.Extractor("fake", key, f"fake {key}", 16, 100, fn)
 
 
 def test_stats_cache_keyed_by_resolution_extractor_and_folder(tmp_path, monkeypatch, cache_root):
     rng = np.random.default_rng(0)
     folder = _write_pngs(tmp_path / "ref", rng.integers(0, 256, (30, 12, 12), dtype=np.uint8))
-    first = evaluate.reference_features(str(folder), _fake_extractor("a"), resolution=8,
-                                        channels=1)
+    first = refs.reference_features(str(folder), _fake_extractor("a"), resolution=8,
+                                    channels=1)
     assert first.cached is not None and first.cached.parent == cache_root / "stats"
     assert first.n == 30 and first.resolution == 8
 
     calls = []
-    real_loader = evaluate.reference_images
-    monkeypatch.setattr(evaluate, "reference_images",
+    real_loader = refs.reference_images
+    monkeypatch.setattr(refs, "reference_images",
                         lambda *a, **k: calls.append(a) or real_loader(*a, **k))
-    again = evaluate.reference_features(str(folder), _fake_extractor("a"), resolution=8,
-                                        channels=1)
+    again = refs.reference_features(str(folder), _fake_extractor("a"), resolution=8,
+                                    channels=1)
     assert calls == [] and again.cached == first.cached
     np.testing.assert_array_equal(again.stats.sigma, first.stats.sigma)
 
-    other_size = evaluate.reference_features(str(folder), _fake_extractor("a"), resolution=12,
-                                             channels=1)
+    other_size = refs.reference_features(str(folder), _fake_extractor("a"), resolution=12,
+                                         channels=1)
     assert len(calls) == 1 and other_size.cached != first.cached
-    other_extractor = evaluate.reference_features(str(folder), _fake_extractor("b"),
-                                                  resolution=8, channels=1)
+    other_extractor = refs.reference_features(str(folder), _fake_extractor("b"),
+                                              resolution=8, channels=1)
     assert len(calls) == 2 and other_extractor.cached not in (first.cached, other_size.cached)
     Image.fromarray(np.zeros((12, 12), np.uint8)).save(folder / "new.png")  # the data changed
-    changed = evaluate.reference_features(str(folder), _fake_extractor("a"), resolution=8,
-                                          channels=1)
+    changed = refs.reference_features(str(folder), _fake_extractor("a"), resolution=8,
+                                      channels=1)
     assert len(calls) == 3 and changed.n == 31 and changed.cached != first.cached
     with pytest.raises(DataError, match="made with extractor 'a'"):
-        evaluate.load_stats_file(first.cached, _fake_extractor("b"))
+        refs.load_stats_file(first.cached, _fake_extractor("b"))
 
 
 @pytest.fixture(scope="module")
@@ -183,9 +185,17 @@ def test_eval_samples_a_checkpoint_and_sweeps(tiny_config, tmp_path, capsys):
 def test_steps_for_nfe_never_exceeds_the_budget():
     alphas_cumprod = torch.linspace(0.999, 0.01, 100, dtype=torch.float64)
     for name in SAMPLERS:
-        steps = evaluate.steps_for_nfe(name, 5, alphas_cumprod)
-        assert evaluate.nfe_of(name, steps, alphas_cumprod) <= 5
-        assert evaluate.nfe_of(name, steps + 1, alphas_cumprod) > 5
+        steps = evaluate.steps_for_nfe(name, 5)
+        assert _counted_nfe(name, steps, alphas_cumprod) <= 5
+        assert _counted_nfe(name, steps + 1, alphas_cumprod) > 5
+
+
+def _counted_nfe(sampler, steps, alphas_cumprod):
+    """Model calls of a real run, counted; samplers.nfe_of must agree."""
+    counter = evaluate.CountingModel(evaluate._Zero())
+    pd_sample(counter, torch.zeros(1, 1, 1, 1), alphas_cumprod, sampler=sampler, steps=steps)
+    assert counter.calls == nfe_of(sampler, steps), (sampler, steps)
+    return counter.calls
     assert evaluate.parse_sweep(["sampler=a,b", "nfe=1,2"])[1] == {"sampler": "a", "nfe": "2"}
     with pytest.raises(PixelDiffusionError, match="key=v1,v2"):
         evaluate.parse_sweep(["sampler"])
@@ -231,9 +241,9 @@ def test_bad_inputs_give_one_clear_message(tmp_path, capsys):
 
 def test_too_few_samples_warn_with_the_number_needed(digits):
     _, _, _, x_out, _ = digits
-    extractor = evaluate.digit_extractor()
-    reference = evaluate.reference_features("digits", extractor, resolution=32, channels=1)
-    results, provenance = evaluate.score(evaluate.Images(x_out[:20], None, "x"), reference,
+    extractor = features.digit_extractor()
+    reference = refs.reference_features("digits", extractor, resolution=32, channels=1)
+    results, provenance = evaluate.score(image_sets.Images(x_out[:20], None, "x"), reference,
                                          extractor)
     assert "at least 65 samples" in provenance.warnings[0] and "use -n 65" in \
         provenance.warnings[0]
@@ -243,11 +253,11 @@ def test_too_few_samples_warn_with_the_number_needed(digits):
 def test_inception_path_says_what_is_missing(tmp_path, monkeypatch, capsys):
     code, err = _run(["eval", str(tmp_path), "--extractor", "inception", "--inception-weights",
                       str(tmp_path / "missing.pth")], capsys)
-    assert code == 2 and "missing.pth' does not exist" in err and evaluate.INCEPTION_URL in err
+    assert code == 2 and "missing.pth' does not exist" in err and features.INCEPTION_URL in err
 
     monkeypatch.setitem(sys.modules, "torch_fidelity", None)  # not installed
     with pytest.raises(PixelDiffusionError, match=r"pip install 'pixeldiffusion\[fid\]'"):
-        evaluate.make_extractor("inception")
+        features.make_extractor("inception")
 
     fake = tmp_path / "site" / "torch_fidelity"  # installed, but its torchvision import fails
     fake.mkdir(parents=True)
@@ -256,7 +266,7 @@ def test_inception_path_says_what_is_missing(tmp_path, monkeypatch, capsys):
     monkeypatch.setitem(sys.modules, "torchvision", None)
     monkeypatch.syspath_prepend(str(tmp_path / "site"))
     with pytest.raises(PixelDiffusionError, match="torch-fidelity imports torchvision"):
-        evaluate.make_extractor("inception")
+        features.make_extractor("inception")
 
 
 def test_training_logs_the_metric_to_log_and_tensorboard(tiny_args, tmp_path):

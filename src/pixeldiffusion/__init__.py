@@ -12,7 +12,7 @@ import sys
 import types
 from typing import Any
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"
 
 # public name -> module that defines it; imported on first use so `import pixeldiffusion` is cheap
 _EXPORTS = {

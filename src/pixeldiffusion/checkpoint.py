@@ -273,12 +273,23 @@ def load_checkpoint(path: str | Path, *, use_ema: bool = True,
 def _config_of(weights: Path, metadata: dict[str, str]) -> Config:
     """The checked config stored in a checkpoint's metadata."""
     try:
-        return from_dict(json.loads(metadata["config"]))
+        raw = json.loads(metadata["config"])
+        return from_dict(_upgrade(raw, metadata.get("pixeldiffusion_version", "")))
     except (KeyError, json.JSONDecodeError, RecursionError) as err:
         raise CheckpointError(f"'{weights}' has no readable config in its metadata "
                               f"({type(err).__name__})") from None
     except ConfigError as err:
         raise CheckpointError(f"'{weights}' describes a model that is refused: {err}") from None
+
+
+def _upgrade(raw: Any, version: str) -> Any:
+    """A config saved by pixeldiffusion 0.1, read as today's: there ``sample.eta`` reached DDIM
+    alone and every config stored its default 0.0, which would now also make euler_ancestral and
+    dpmpp_2m_sde deterministic; 0.0 there becomes null (each sampler's own default)."""
+    sample = raw.get("sample") if isinstance(raw, dict) else None
+    if version.startswith("0.1.") and isinstance(sample, dict) and sample.get("eta") == 0.0:
+        sample["eta"] = None
+    return raw
 
 
 def _header_shapes(weights: Path) -> dict[str, tuple[int, ...]]:

@@ -6,8 +6,12 @@ import argparse
 import sys
 from collections.abc import Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from .errors import PixelDiffusionError
+
+if TYPE_CHECKING:
+    from .evaluate import EvalOptions
 
 SAMPLE_HELP = """examples:
   pixeldiffusion sample -cp runs/exp-XXX                      # newest checkpoint, EMA weights
@@ -320,6 +324,7 @@ EVAL_HELP = """examples:
   pixeldiffusion eval -cp runs/digits                         # 1,000 samples, digit-FID
   pixeldiffusion eval -cp runs/digits --sweep sampler=ddim,dpmpp_2m nfe=10,20,50 --plot nfe.png
   pixeldiffusion eval samples/ --ref digits                    # a folder of PNGs (or samples.npz)
+  pixeldiffusion eval samples.npz --ref real.npz               # two image sets compared
   pixeldiffusion eval -cp runs/cifar10 --extractor inception -n 50000 --ref cifar10
 Sampling options of the checkpoint's config can be overridden as --sample.KEY value.
 """
@@ -331,8 +336,9 @@ def _add_eval(commands: argparse._SubParsersAction) -> None:
     e.add_argument("input", nargs="?", help="checkpoint, image folder or samples.npz")
     e.add_argument("-cp", "--checkpoint", help="checkpoint or run directory to sample from")
     e.add_argument("--ref", help="reference: digits, digits-heldout, mnist, cifar10, celeba64, an "
-                                 "image folder or a statistics .npz (default: the checkpoint's "
-                                 "data set, else digits)")
+                                 "image folder, an images .npz (like samples.npz) or a statistics "
+                                 ".npz from --save_stats (default: the checkpoint's data set, "
+                                 "else digits)")
     e.add_argument("--extractor", choices=("digits", "inception"), default="digits",
                    help="digits: offline digit classifier (digit-FID); inception: torch-fidelity "
                         "Inception-v3 (FID, IS, KID; needs the [fid] extra)")
@@ -362,10 +368,99 @@ def _add_eval(commands: argparse._SubParsersAction) -> None:
     e.set_defaults(run=_eval, takes_overrides=True)
 
 
-def _eval(args: argparse.Namespace, overrides: list[str]) -> int:
-    from .evaluate import run_from_args
+def _reattach(args: argparse.Namespace, extra: list[str]) -> list[str]:
+    """argparse hands the value of the first ``--sample.KEY VALUE`` override to the optional
+    INPUT positional when INPUT is absent; give it back to the key that is missing a value."""
+    for i, item in enumerate(extra):
+        dangling = item.startswith("--") and "=" not in item and \
+            (i + 1 == len(extra) or extra[i + 1].startswith("--"))
+        if dangling and args.input is not None:
+            extra.insert(i + 1, args.input)
+            args.input = None
+            break
+    return extra
 
-    return run_from_args(args, overrides)
+
+def _unknown_arguments(extra: list[str]) -> tuple[list[str], list[str]]:
+    """(unknown options, stray positionals) among the arguments argparse did not know;
+    ``--section.key value`` / ``--section.key=value`` pairs are neither."""
+    options, stray, i = [], [], 0
+    while i < len(extra):
+        item = extra[i]
+        if item.startswith("--") and "." in item.split("=", 1)[0]:
+            i += 1 if "=" in item else 2
+            continue
+        (options if item.startswith("-") else stray).append(item)
+        i += 1
+    return options, stray
+
+
+def _eval_sample_options(args: argparse.Namespace, extra: list[str]) -> dict[str, str]:
+    """``--sample.KEY value`` overrides among the arguments argparse did not know, as
+    {KEY: text}; anything else is an error that says what eval takes."""
+    from .config import parse_overrides
+
+    extra = _reattach(args, list(extra))
+    unknown, stray = _unknown_arguments(extra)
+    if unknown:
+        raise PixelDiffusionError(f"eval has no option '{unknown[0]}'; pixeldiffusion eval "
+                                  f"--help lists them (sampling config keys are given as "
+                                  f"--sample.KEY value)")
+    if stray:
+        first = args.input or "INPUT"
+        raise PixelDiffusionError(f"eval takes one INPUT (a checkpoint, an image folder or a "
+                                  f"samples.npz) but got another, '{stray[0]}'; to compare two "
+                                  f"image sets give the second as the reference: "
+                                  f"pixeldiffusion eval {first} --ref {stray[0]}")
+    options = {}
+    for key, value in parse_overrides(extra):
+        section, _, name = key.partition(".")
+        if section != "sample":
+            raise PixelDiffusionError(f"eval takes only sampling overrides (--sample.KEY value); "
+                                      f"got --{key}")
+        options[name] = value
+    return options
+
+
+def _eval_options(args: argparse.Namespace, extra: list[str]) -> EvalOptions:
+    """The parsed ``eval`` arguments as the library's EvalOptions."""
+    from .evaluate import EvalOptions
+
+    sample_options = _eval_sample_options(args, extra)
+    source = args.checkpoint or args.input
+    if source is None:
+        raise PixelDiffusionError("eval needs something to score: a checkpoint (-cp RUN_DIR), an "
+                                  "image folder or a samples.npz")
+    if args.checkpoint and args.input:
+        raise PixelDiffusionError("give either INPUT or -cp CHECKPOINT, not both")
+    return EvalOptions(
+        source=Path(source), from_checkpoint=bool(args.checkpoint), ref=args.ref,
+        extractor=args.extractor, inception_weights=args.inception_weights,
+        n_samples=args.n_samples, micro_batch=args.micro_batch, sampler=args.sampler,
+        steps=args.steps, guidance=args.guidance, class_label=args.class_label,
+        sample_options=sample_options, sweep=list(args.sweep or []), seed=args.seed,
+        device=args.device, use_ema=args.load_ema, out_dir=Path(args.out),
+        plot=Path(args.plot) if args.plot else None,
+        save_stats=Path(args.save_stats) if args.save_stats else None,
+        use_cache=not args.no_cache, data_root=args.data_root, progress=not args.no_progress)
+
+
+def _eval(args: argparse.Namespace, extra: list[str]) -> int:
+    from dataclasses import replace
+
+    from .evaluate import run_eval
+    from .results import describe, plain_table
+
+    report = run_eval(_eval_options(args, extra))
+    for warning in dict.fromkeys(w for r in report.rows for w in r.provenance.warnings):
+        print(f"pixeldiffusion: warning: {warning}", file=sys.stderr)
+    print(plain_table(report.rows))
+    print(describe(replace(report.rows[0].provenance, warnings=[])))
+    if report.stats_file is not None:
+        print(f"reference statistics: {report.stats_file}")
+    for path in [*report.written, *([report.plot] if report.plot else [])]:
+        print(path)
+    return 0
 
 
 def main(argv: Sequence[str] | None = None) -> int:

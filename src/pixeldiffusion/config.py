@@ -512,9 +512,17 @@ def load_config(path: str | Path | None = None, overrides: Sequence[str] = ()) -
             raise ConfigError(f"config file '{path}' is not valid YAML: {err}") from None
     cfg = from_dict(raw)
     if overrides:
-        for key, value in parse_overrides(overrides):
-            _set(cfg, key, yaml.safe_load(value) if value.strip() else value)
-        _check_consistency(cfg)
+        cfg = apply_overrides(cfg, parse_overrides(overrides))
+    return cfg
+
+
+def apply_overrides(base: Config, pairs: Sequence[tuple[str, str]]) -> Config:
+    """A validated copy of ``base`` with ``(dotted key, text)`` pairs applied, each text read as
+    a ``--section.key value`` override is (YAML, then the field's type: "false" -> False)."""
+    cfg = Config(**{s: dataclasses.replace(getattr(base, s)) for s in SECTIONS})
+    for key, value in pairs:
+        _set(cfg, key, yaml.safe_load(value) if value.strip() else value)
+    _check_consistency(cfg)
     return cfg
 
 

@@ -21,7 +21,9 @@ import torch.nn.functional as F
 from safetensors.torch import load_file
 from torch import Tensor, nn
 
-from .errors import CheckpointError
+from .data import LUMA_601
+from .errors import CheckpointError, did_you_mean
+from .images import uint8_to_float
 
 WEIGHTS_NAME = "digit_classifier.safetensors"
 FEATURE_DIM = 64
@@ -80,12 +82,13 @@ def builtin_digits(split: str = "heldin") -> tuple[Tensor, Tensor]:
     dataset = load_dataset(DataConfig(dataset="digits", image_size=IMAGE_SIZE, channels=1))
     images, labels = dataset.images, dataset.labels
     held_in, held_out = digit_splits(labels.numpy())
-    index = {"heldin": held_in, "heldout": held_out,
-             "all": np.arange(len(labels))}.get(split)
-    if index is None:
-        raise ValueError(f"unknown split '{split}'; use heldin, heldout or all")
+    splits = {"heldin": held_in, "heldout": held_out, "all": np.arange(len(labels))}
+    if split not in splits:
+        raise ValueError(f"unknown split '{split}'; {did_you_mean(split, splits)}use heldin, "
+                         f"heldout or all")
+    index = splits[split]
     chosen = torch.from_numpy(index)
-    return images[chosen].float().div(127.5).sub(1.0), labels[chosen]
+    return uint8_to_float(images[chosen]), labels[chosen]
 
 
 def weights_file():
@@ -127,7 +130,7 @@ def to_digit_input(images: Tensor, *, resize: bool = True) -> Tensor:
     when H or W is not 32 (only with ``resize``; otherwise a ValueError)."""
     x = images.float()
     if x.shape[1] == 3:
-        weights = torch.tensor([0.299, 0.587, 0.114], dtype=x.dtype, device=x.device)
+        weights = torch.tensor(LUMA_601, dtype=x.dtype, device=x.device)
         x = (x * weights[:, None, None]).sum(dim=1, keepdim=True)
     elif x.shape[1] != 1:
         raise ValueError(f"the digit classifier reads 1- or 3-channel images; got {x.shape[1]}")

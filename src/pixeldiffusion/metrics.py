@@ -26,10 +26,10 @@ FloatArray = np.ndarray
 
 @contextmanager
 def single_thread() -> Iterator[None]:
-    """Run torch on one thread inside the block. The metric's matrices are small (a few hundred
-    to a few thousand rows); with every core busy, torch's thread pool stalls on them (a
-    200 x 200 kernel matrix took 120 ms on 2 threads and 0.9 ms on one on the 2-core test
-    machine under load), and one thread costs little even when the cores are idle."""
+    """Run torch on one thread inside the block. The metrics' matrices are small (a few hundred
+    to a few thousand rows): when every core is busy, torch's thread pool waits on them far
+    longer than one thread takes to compute them, and one thread costs little when the cores
+    are idle."""
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
