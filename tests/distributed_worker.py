@@ -19,6 +19,7 @@ from safetensors.torch import save_file
 from pixeldiffusion.config import load_config
 
 train_module = importlib.import_module("pixeldiffusion.train")
+run_module = importlib.import_module("pixeldiffusion.run")
 
 out = Path(sys.argv[1])
 cfg_args = sys.argv[2:]
@@ -37,8 +38,8 @@ def training_loss(model, x0, *args, **kwargs):
     return real_loss(model, x0, *args, **kwargs)
 
 
-def spy(name):
-    real = getattr(train_module, name)
+def spy(module, name):
+    real = getattr(module, name)
 
     def wrapper(*args, **kwargs):
         seen["writes"].append(name)
@@ -47,15 +48,16 @@ def spy(name):
 
 
 train_module.ema_update, train_module.training_loss = ema_update, training_loss
-for name in ("save_checkpoint", "save_config", "save_grid"):
-    setattr(train_module, name, spy(name))
+for module, name in ((train_module, "save_checkpoint"), (train_module, "save_config"),
+                     (run_module, "save_grid")):
+    setattr(module, name, spy(module, name))
 
 
 def run(tag, steps, resume=None):
     seen["batches"] = []
     cfg = load_config(None, [*cfg_args, "--train.steps", str(steps)])
-    train_module.train(cfg, out / tag[0], resume=resume, progress=False,
-                       log=lambda message: seen["writes"].append("log"))
+    run_module.train(cfg, out / tag[0], resume=resume, progress=False,
+                     log=lambda message: seen["writes"].append("log"))
     rank = torch.distributed.get_rank()
     tensors = {f"model.{k}": v.detach().cpu().contiguous()
                for k, v in seen["model"].state_dict().items()}

@@ -273,7 +273,7 @@ def test_training_logs_the_metric_to_log_and_tensorboard(tiny_args, tmp_path):
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     from pixeldiffusion.config import load_config
-    from pixeldiffusion.train import train
+    from pixeldiffusion.run import train
 
     cfg = load_config(None, [*tiny_args, "--train.eval_samples", "8", "--train.eval_every", "2",
                              "--train.eval_steps", "2", "--train.tensorboard", "true"])

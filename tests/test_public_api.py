@@ -14,7 +14,7 @@ import pixeldiffusion as pd
 EXPECTED = {
     "sample": "samplers", "SAMPLERS": "samplers", "make_denoiser": "samplers",
     "load_checkpoint": "checkpoint", "load_config": "config", "Config": "config",
-    "train": "train", "alphas_cumprod_of": "schedule", "generate": "generate",
+    "train": "run", "alphas_cumprod_of": "schedule", "generate": "generate",
     "UNet": "unet", "build_unet": "unet",
 }
 OPTIONAL = ("fastapi", "uvicorn", "diffusers", "torch_fidelity", "matplotlib")

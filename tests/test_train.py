@@ -1,4 +1,5 @@
 import importlib
+import math
 import os
 import signal
 import subprocess
@@ -14,7 +15,8 @@ from conftest import free_port
 from pixeldiffusion.checkpoint import list_checkpoints
 from pixeldiffusion.config import load_config
 from pixeldiffusion.errors import PixelDiffusionError
-from pixeldiffusion.train import TrainingDiverged, ema_decay_at, ema_update, lr_factor, train
+from pixeldiffusion.run import train
+from pixeldiffusion.train import TrainingDiverged, ema_decay_at, ema_update, lr_factor
 
 
 def _weights(result):
@@ -140,3 +142,64 @@ def test_two_processes_with_torchrun_train_and_only_rank_zero_writes(tmp_path, t
     resumed = train(load_config(run / "config.yaml", ["--train.steps", "5"]), run,
                     resume="auto", progress=False, log=lambda *_: None)
     assert resumed.step == 5
+
+
+def test_the_loop_is_handed_its_loss_and_hooks(tmp_path, tiny_args):
+    """train.train with a loss of our own (the LossFn contract) and a hook: the hook's setup runs
+    once before training, its fn every 3 steps and at the end; no grids without a grid hook."""
+    loop = importlib.import_module("pixeldiffusion.train")  # pixeldiffusion.train is pd.train
+    cfg = load_config(None, tiny_args + ["--train.steps", "7"])
+    seen = {"losses": [], "hook": [], "setup": 0}
+
+    def loss_fn(net, x0, *, generator, y):
+        seen["losses"].append((tuple(x0.shape), float(x0.min()), float(x0.max()), y))
+        t = torch.randint(0, 50, (x0.shape[0],), generator=generator, device=x0.device)
+        return net(x0, t, y=y).square().mean()  # any 0-dim tensor of the network's output
+
+    def setup(state):
+        assert state.step == 0 and not seen["losses"]
+        seen["setup"] += 1
+
+    hook = loop.Hook(3, lambda state: seen["hook"].append((state.step, state.done)), setup)
+    result = loop.train(cfg, tmp_path / "run", progress=False, log=lambda *_: None,
+                        hooks=[hook], loss_fn=loss_fn)
+    assert result.step == 7 and result.grid is None and not (tmp_path / "run" / "samples").exists()
+    assert seen["setup"] == 1 and seen["hook"] == [(3, False), (6, False), (7, True)]
+    assert len(seen["losses"]) == 7
+    for shape, low, high, y in seen["losses"]:
+        assert shape == (4, 1, 32, 32) and -1 <= low < high <= 1 and y is None
+
+
+def test_training_imports_neither_sampling_nor_metrics():
+    code = ("import sys, pixeldiffusion.train; "
+            "print(' '.join(m for m in sys.modules if m.startswith('pixeldiffusion.')))")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          timeout=120, check=True)
+    loaded = set(done.stdout.split())
+    assert "pixeldiffusion.train" in loaded
+    assert not loaded & {"pixeldiffusion.generate", "pixeldiffusion.samplers",
+                         "pixeldiffusion.evaluate", "pixeldiffusion.metrics",
+                         "pixeldiffusion.serve", "pixeldiffusion.run"}
+
+
+def test_one_loss_meter_serves_the_log_line_and_the_save_score():
+    """Readers at different intervals each get the mean of the finite losses since their own
+    previous read; a flagged (skipped) step counts for neither."""
+    from pixeldiffusion.train import LossMeter
+
+    class OneProcess:
+        def reduce(self, tensor, reduction):
+            return tensor
+
+    meter, acc = LossMeter(torch.device("cpu")), OneProcess()
+    for loss, bad in [(1.0, 0.0), (2.0, 0.0)]:
+        meter.add(torch.tensor(loss), torch.tensor(bad))
+    assert meter.mean("log", acc) == 1.5 and meter.steps_since("log") == 0
+    for loss, bad in [(float("nan"), 1.0), (4.0, 0.0)]:
+        meter.add(torch.tensor(loss), torch.tensor(bad))
+    assert meter.steps_since("log") == 2 and meter.steps_since("save") == 4
+    assert meter.mean("save", acc) == pytest.approx((1 + 2 + 4) / 3)
+    assert meter.mean("log", acc) == 4.0
+    meter.add(torch.tensor(float("inf")), torch.tensor(1.0))
+    assert math.isnan(meter.mean("log", acc))  # every step of the interval was skipped
+    assert meter.mean("save", acc) == pytest.approx(float("nan"), nan_ok=True)

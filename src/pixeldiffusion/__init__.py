@@ -18,7 +18,7 @@ __version__ = "0.2.0"
 _EXPORTS = {
     "sample": "samplers", "SAMPLERS": "samplers", "make_denoiser": "samplers",
     "load_checkpoint": "checkpoint", "load_config": "config", "Config": "config",
-    "train": "train", "alphas_cumprod_of": "schedule", "generate": "generate",
+    "train": "run", "alphas_cumprod_of": "schedule", "generate": "generate",
     "UNet": "unet", "build_unet": "unet",
 }
 __all__ = ["__version__", *_EXPORTS]

@@ -24,6 +24,7 @@ TRAIN_HELP = """Any config key can be overridden as --section.key value, e.g.
   pixeldiffusion train --train.steps 500 --model.channels 32 --diffusion.beta_schedule cosine
   pixeldiffusion train -c configs/cifar10.yaml -e runs/cifar --train.mixed_precision bf16
   pixeldiffusion train -e runs/cifar --resume auto          # continue where it stopped
+  pixeldiffusion train --train.logger wandb --train.wandb_project digits   # pip install wandb
 """
 
 
@@ -133,7 +134,7 @@ def _add_sample(commands: argparse._SubParsersAction) -> None:
 
 def _train(args: argparse.Namespace, overrides: list[str]) -> int:
     from .config import load_config
-    from .train import train
+    from .run import train
 
     if args.resume and args.resume != "auto" and not args.exp_dir:
         resume_path = Path(args.resume)

@@ -117,6 +117,9 @@ FORMULATION_KEYS = {
 PREDICTIONS_OF = {"ddpm": ("eps", "x0", "v"), "flow": ("v", "x0")}
 
 
+LOGGERS = ("tensorboard", "wandb", "none")  # loggers.make_logger
+
+
 @dataclass
 class TrainConfig:
     steps: int = _opt(1200, low=1, high=100_000_000)
@@ -146,7 +149,10 @@ class TrainConfig:
                            "loss since the save before it (checkpoints/best names it)")
     nan_patience: int = _opt(10, low=1, high=1_000_000, doc="NaN/Inf steps are skipped; this "
                              "many in a row stop the run")
-    tensorboard: bool = _opt(True)
+    logger: str = _opt("tensorboard", choices=LOGGERS, doc="where loss, LR and eval scalars go: "
+                       "RUN_DIR/tensorboard, a Weights & Biases run (pip install wandb) or none; "
+                       "train.tensorboard true|false is the old spelling (loggers.py)")
+    wandb_project: str = _opt("pixeldiffusion", doc="the W&B project of train.logger wandb")
     eval_samples: int = _opt(256, low=0, high=1_000_000, doc="images sampled (EMA) to score "
                              "quality at the end of training; 0 = off (evaluate.py)")
     eval_every: int = _opt(0, low=0, high=100_000_000, doc="also score every N steps; 0 = only "
@@ -168,6 +174,8 @@ def _sampler_names() -> tuple[str, ...]:
 
 
 DEPRECATED_KEYS = {"sample.skip_type": "sample.spacing"}  # old configs and checkpoints still load
+# old true/false keys that became a choice: key -> (new key, {old value: new value})
+DEPRECATED_SWITCHES = {"train.tensorboard": ("train.logger", {True: "tensorboard", False: "none"})}
 
 
 @dataclass
@@ -314,6 +322,9 @@ def _check_range(key: str, value: Any, meta: dict) -> None:
 
 def _set(cfg: Config, key: str, value: Any) -> None:
     key = DEPRECATED_KEYS.get(key, key)
+    if key in DEPRECATED_SWITCHES:
+        new_key, values = DEPRECATED_SWITCHES[key]
+        key, value = new_key, values[_coerce(key, value, bool)]
     section_name, _, name = key.partition(".")
     if section_name not in SECTIONS:
         raise _unknown(key if name else section_name, all_keys() if name else list(SECTIONS),

@@ -1,5 +1,11 @@
 """The training loop (Ho et al. 2020, Alg. 1): AdamW with LR warm-up, gradient clipping, an EMA
-of the weights, checkpoints that resume exactly, sample grids, TensorBoard scalars.
+of the weights, checkpoints that resume exactly, scalars to TensorBoard or Weights & Biases.
+
+Read it top to bottom from ``train``: ``build_run`` makes everything a run needs (a
+``TrainState``), ``restore`` puts a checkpoint back into it, and ``_loop`` calls ``train_step``
+until ``train.steps``, running the periodic work it is given as ``Hook``s (the loss line, the
+checkpoint; sample grids and the quality score come from ``run.py``, so training does not depend
+on the sampling or metric code). The loss is a callable the loop is handed too (``ddpm_loss``).
 
 Devices, mixed precision and multi-process training go through Hugging Face ``accelerate``; data
 sharding is done by ``EpochBatchSampler`` itself so that the step number is the data position.
@@ -12,10 +18,12 @@ import math
 import signal
 import sys
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager, nullcontext
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
+from functools import partial
 from pathlib import Path
+from typing import Any, Protocol
 
 import torch
 from torch import Tensor, nn
@@ -32,18 +40,29 @@ from .checkpoint import (
     save_checkpoint,
 )
 from .config import Config, save_config
-from .data import load_dataset, make_loader, random_hflip
+from .data import ImageDataset, load_dataset, make_loader, random_hflip
 from .device import make_generator, resolve_device, resolve_precision, use_fast_kernels
 from .diffusion import training_loss
 from .errors import CheckpointError, ConfigError, PixelDiffusionError
-from .generate import generate
 from .guidance import drop_labels
-from .images import save_grid
+from .loggers import NullLogger, ScalarLogger, check_logger, make_logger
 from .schedule import alphas_cumprod_of
 from .unet import build_unet, count_parameters
 
 # devices with a fused AdamW kernel; it skips a NaN/Inf step on the device (see NonFiniteSteps)
 FUSED_ADAMW = ("cuda", "cpu", "mps", "xpu")
+
+
+class LossFn(Protocol):
+    """A training objective: ``loss_fn(net, x0, generator=, y=)`` -> 0-dim loss Tensor.
+
+    ``net(x_t, t, y=None)`` is the network being trained, ``x0`` float [B, C, H, W] in [-1, 1]
+    the clean batch, ``y`` int64 [B] class labels (the null class where dropped) or None. The
+    loss draws its own noise levels and noise from ``generator``.
+    """
+
+    def __call__(self, net: Callable[..., Tensor], x0: Tensor, *,
+                 generator: torch.Generator, y: Tensor | None) -> Tensor: ...
 
 
 class TrainingInterrupted(PixelDiffusionError):
@@ -59,13 +78,17 @@ class TrainingDiverged(PixelDiffusionError):
 @dataclass
 class TrainResult:
     run_dir: Path
-    checkpoint: Path
-    grid: Path | None
+    checkpoint: Path | None  # the final checkpoint (on the main process)
+    grid: Path | None        # the final sample grid, when a hook wrote one
     step: int
 
 
 def _log(message: str) -> None:
     print(message, flush=True)  # flushed: users tail redirected logs of long runs
+
+
+def _quiet(_message: str) -> None:
+    """The log of non-main processes: they say nothing."""
 
 
 def default_run_dir() -> Path:
@@ -146,6 +169,43 @@ class NonFiniteSteps:
             self.reported = total
 
 
+class LossMeter:
+    """The mean finite training loss over intervals that differ per reader: ``"log"`` (the loss
+    line, every train.log_every steps) and ``"save"`` (the keep_best score of a checkpoint).
+
+    ``add`` sums each step's loss into one device-side (sum, count) pair, without a host sync.
+    ``mean(reader)`` is the sync (a collective: every process calls it at the same step): it
+    moves the pair, summed over processes, into every reader's host total and returns this
+    reader's mean since its previous call (NaN when none of those steps was finite).
+    """
+
+    READERS = ("log", "save")
+
+    def __init__(self, device: torch.device) -> None:
+        self.pending = torch.zeros(2, device=device)  # finite-loss sum, finite-step count
+        self.totals = {reader: (0.0, 0.0) for reader in self.READERS}
+        self.steps, self.read_at = 0, dict.fromkeys(self.READERS, 0)
+
+    def add(self, loss: Tensor, bad: Tensor) -> None:
+        """Count a step's 0-dim ``loss`` unless its 0-dim ``bad`` flag is 1."""
+        good_loss = torch.where(bad > 0, 0.0, loss.float())
+        self.pending.add_(torch.stack([good_loss, 1 - bad]))
+        self.steps += 1
+
+    def steps_since(self, reader: str) -> int:
+        """Steps added since ``reader``'s last ``mean`` (no sync)."""
+        return self.steps - self.read_at[reader]
+
+    def mean(self, reader: str, accelerator) -> float:
+        """``reader``'s mean loss since its previous call (a host sync and a collective)."""
+        loss_sum, count = accelerator.reduce(self.pending, "sum").tolist()
+        self.pending.zero_()
+        self.totals = {r: (s + loss_sum, c + count) for r, (s, c) in self.totals.items()}
+        (loss_sum, count), self.totals[reader] = self.totals[reader], (0.0, 0.0)
+        self.read_at[reader] = self.steps
+        return loss_sum / count if count else math.nan
+
+
 def lr_factor(step: int, warmup_steps: int, schedule: str = "constant",
               total_steps: int = 0) -> float:
     """The LR multiplier at optimizer step ``step`` (0-based): linear warm-up to 1 over
@@ -157,6 +217,352 @@ def lr_factor(step: int, warmup_steps: int, schedule: str = "constant",
         return 1.0
     progress = min(1.0, (step - warmup_steps) / (total_steps - warmup_steps))
     return 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+def ddpm_loss(cfg: Config, device: torch.device) -> LossFn:
+    """DDPM's loss (``diffusion.training_loss``) for this config's schedule, prediction target,
+    L1/L2 and min-SNR weighting, as a ``LossFn``."""
+    return partial(training_loss, alphas_cumprod=alphas_cumprod_of(cfg).float().to(device),
+                   prediction=cfg.diffusion.prediction, loss=cfg.diffusion.loss,
+                   min_snr_gamma=cfg.diffusion.min_snr_gamma)
+
+
+# --------------------------------------------------------------------------- the run
+
+
+@dataclass
+class TrainState:
+    """Everything the loop reads and advances; made by ``build_run``."""
+
+    cfg: Config                 # as trained: class_names filled in from the data set
+    run_dir: Path
+    accelerator: Any            # accelerate.Accelerator
+    dataset: ImageDataset
+    model: nn.Module            # the trained weights, as accelerate prepared them (DDP: wrapped)
+    net: Callable[..., Tensor]  # model, or its torch.compile wrapper: what the loss calls
+    ema: nn.Module              # EMA of the weights, on the device, in eval mode
+    optimizer: Any              # AdamW under accelerate's wrapper
+    scheduler: torch.optim.lr_scheduler.LambdaLR
+    generator: torch.Generator  # this process's timesteps, noise, flips and label drops
+    batches: Iterator[tuple[Tensor, Tensor]]  # (x [B, C, H, W] in [-1, 1], y int64 [B])
+    loss_fn: LossFn
+    nonfinite: NonFiniteSteps
+    losses: LossMeter
+    log: Callable[[str], None]  # the user's log on the main process, silent on the others
+    step: int = 0
+    logger: ScalarLogger = field(default_factory=NullLogger)
+    checkpoint: Path | None = None  # newest checkpoint written or resumed from (main process)
+    saved_step: int = -1            # its step, known on every process
+    grid: Path | None = None        # newest sample grid written by a hook
+    postfix: dict[str, str] = field(default_factory=dict)  # progress bar: loss, lr, fid
+
+    @property
+    def device(self) -> torch.device:
+        return self.accelerator.device
+
+    @property
+    def main(self) -> bool:
+        return self.accelerator.is_main_process
+
+    @property
+    def done(self) -> bool:
+        """True once train.steps are trained (at the end-of-run hooks)."""
+        return self.step >= self.cfg.train.steps
+
+
+@dataclass
+class Hook:
+    """Periodic work given to the loop: ``fn(state)`` after every ``every``-th step (0 = only at
+    the end) and once more after the last step. ``setup(state)``, if given, runs once before the
+    first step on every process (build what ``fn`` needs there: it may draw random numbers)."""
+
+    every: int
+    fn: Callable[[TrainState], None]
+    setup: Callable[[TrainState], None] | None = None
+
+
+def train(cfg: Config, run_dir: str | Path | None = None, *, resume: str | None = None,
+          progress: bool = True, log: Callable[[str], None] = _log, hooks: Sequence[Hook] = (),
+          loss_fn: LossFn | None = None) -> TrainResult:
+    """Train ``cfg`` into ``run_dir``; ``resume`` is None, "auto" or a checkpoint path.
+
+    The loop itself logs the loss and writes checkpoints; ``hooks`` add periodic work
+    (``run.default_hooks(cfg)``: sample grids and the quality score, which ``pixeldiffusion
+    train`` and ``pd.train``, i.e. ``run.train``, add). ``loss_fn`` defaults to
+    ``ddpm_loss(cfg)``. The main process
+    holds ``run_dir/train.lock`` throughout, so a second run pointed at the same directory is
+    refused while this one lives (see ``checkpoint.run_lock``).
+    """
+    check_logger(cfg.train.logger)  # a missing package fails now, not after the data set loads
+    run_dir = Path(run_dir) if run_dir is not None else default_run_dir()
+    accelerator = _make_accelerator(cfg)
+    log = log if accelerator.is_main_process else _quiet
+    with run_lock(run_dir) if accelerator.is_main_process else nullcontext():
+        point = _resume_point(run_dir, resume, log)
+        state = build_run(cfg, run_dir, accelerator, log, loss_fn=loss_fn,
+                          start=_saved_step(point) if point is not None else 0)
+        if point is not None:
+            restore(state, point)  # before anything is written: a misfit checkpoint writes nothing
+        _announce(state, point)
+        state.logger = _open_logger(state)
+        try:
+            for hook in hooks:
+                if hook.setup is not None:
+                    hook.setup(state)
+            if point is not None:  # last: the setups above may draw from the global RNG
+                restore_rngs(state, point)
+            tc = state.cfg.train
+            _loop(state, [Hook(tc.log_every, log_scalars), Hook(tc.save_every, save), *hooks],
+                  progress)
+        finally:
+            state.logger.close()
+        _report(state)
+        return TrainResult(run_dir, state.checkpoint, state.grid, state.step)
+
+
+def _loop(state: TrainState, hooks: Sequence[Hook], progress: bool) -> None:
+    """Train until train.steps, running each hook every ``hook.every`` steps and all of them once
+    at the end. SIGINT/SIGTERM is acted on between two steps: save this step, then stop."""
+    total = state.cfg.train.steps
+    bar = tqdm(total=total, initial=state.step, disable=not (progress and state.main),
+               desc="train", dynamic_ncols=True, mininterval=0.5 if sys.stderr.isatty() else 10)
+    with _stop_on_signals() as stop:
+        while state.step < total:
+            if stop:
+                _interrupt(state, stop["signal"])
+            loss, bad = train_step(state, *next(state.batches))
+            state.losses.add(loss, bad)
+            state.step += 1
+            bar.update(1)
+            due = [h for h in hooks if h.every and state.step % h.every == 0 and not state.done]
+            if due:
+                _run_hooks(state, due)
+                bar.set_postfix(state.postfix, refresh=False)
+    bar.close()
+    _run_hooks(state, hooks)  # the end: the last loss line, checkpoint, grid and score
+
+
+def train_step(state: TrainState, x: Tensor, y: Tensor) -> tuple[Tensor, Tensor]:
+    """One update of DDPM's Alg. 1 on a batch from the loader (x [B, C, H, W] in [-1, 1], y int64
+    [B]): loss, backward, clip, NaN/Inf flag, AdamW step (skipped where flagged), LR schedule,
+    EMA. Returns the 0-dim loss and flag (1.0 = skipped), still on the device: no host sync."""
+    accelerator, tc = state.accelerator, state.cfg.train
+    x0, labels = _batch_on_device(state, x, y)
+    with accelerator.autocast():
+        loss = state.loss_fn(state.net, x0, generator=state.generator, y=labels)
+    accelerator.backward(loss)
+    # with max_norm inf the clip multiplies by exactly 1: only the norm is wanted
+    grad_norm = accelerator.clip_grad_norm_(
+        state.model.parameters(), tc.grad_clip if tc.grad_clip > 0 else float("inf"))
+    # fp16 gradients overflow now and then by design; there only the loss counts
+    fp16 = getattr(state.optimizer, "scaler", None) is not None
+    bad = state.nonfinite.flag(loss, None if fp16 else grad_norm, accelerator)
+    _optimizer_step(state, bad)
+    state.scheduler.step()
+    state.optimizer.zero_grad(set_to_none=True)
+    decay = ema_decay_at(state.cfg, state.step)
+    ema_update(state.ema, accelerator.unwrap_model(state.model), decay, skip=bad)
+    return loss.detach(), bad
+
+
+def _batch_on_device(state: TrainState, x: Tensor, y: Tensor) -> tuple[Tensor, Tensor | None]:
+    """x0 on the device in channels-last, randomly flipped (data.random_flip), and the labels of
+    a conditional model with some replaced by the null class num_classes (classifier-free
+    guidance, train.p_uncond); None for an unconditional model."""
+    cfg = state.cfg
+    x0 = x.to(state.device, non_blocking=True).contiguous(memory_format=torch.channels_last)
+    if cfg.data.random_flip:
+        x0 = random_hflip(x0, state.generator)
+    if not cfg.model.num_classes:
+        return x0, None
+    labels = y.to(state.device, non_blocking=True)
+    return x0, drop_labels(labels, cfg.train.p_uncond, cfg.model.num_classes, state.generator)
+
+
+def _optimizer_step(state: TrainState, bad: Tensor) -> None:
+    """AdamW's update unless the 0-dim ``bad`` flag is 1: the fused kernel skips it on the device
+    (``found_inf``, as GradScaler does); with fp16 the GradScaler skips overflowing steps itself;
+    elsewhere it costs one host sync."""
+    optimizer = state.optimizer
+    scaler = getattr(optimizer, "scaler", None)
+    if scaler is None and state.device.type in FUSED_ADAMW:
+        getattr(optimizer, "optimizer", optimizer).found_inf = bad  # under accelerate's wrapper
+        optimizer.step()
+    elif scaler is not None or not bad.item():
+        optimizer.step()
+
+
+# --------------------------------------------------------------------------- building and restoring
+
+
+def build_run(cfg: Config, run_dir: Path, accelerator, log: Callable[[str], None], *,
+              loss_fn: LossFn | None = None, start: int = 0) -> TrainState:
+    """A fresh run of ``cfg`` whose data begins at step ``start`` (a resume point's step; then
+    ``restore`` loads the rest): data set, UNet, EMA, AdamW, LR schedule, RNG, all on the device."""
+    device = accelerator.device
+    use_fast_kernels(device)
+    dataset = load_dataset(cfg.data)
+    cfg = _with_class_names(cfg, dataset)
+    tc = cfg.train
+    torch.manual_seed(tc.seed)
+    model = build_unet(cfg.model, in_channels=cfg.data.channels, image_size=cfg.data.image_size)
+    ema = copy.deepcopy(model).requires_grad_(False).eval()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=tc.lr, weight_decay=tc.weight_decay,
+                                  fused=device.type in FUSED_ADAMW)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda s: lr_factor(s, tc.warmup_steps, tc.lr_schedule, tc.steps))
+    loader = make_loader(dataset, tc.batch_size, seed=tc.seed, start=start,
+                         num_workers=cfg.data.num_workers, rank=accelerator.process_index,
+                         world_size=accelerator.num_processes, pin_memory=device.type == "cuda")
+    # channels-last runs the convolutions ~15% faster on CPU (oneDNN) and on tensor cores
+    model.to(memory_format=torch.channels_last)
+    ema.to(device, memory_format=torch.channels_last)
+    model, optimizer = accelerator.prepare(model, optimizer)
+    return TrainState(
+        cfg=cfg, run_dir=run_dir, accelerator=accelerator, dataset=dataset, model=model,
+        # the compiled wrapper shares model's parameters; saving and the EMA use model itself
+        net=torch.compile(model) if tc.compile else model, ema=ema, optimizer=optimizer,
+        scheduler=scheduler, generator=make_generator(device, tc.seed + accelerator.process_index),
+        batches=iter(loader), loss_fn=loss_fn or ddpm_loss(cfg, device),
+        nonfinite=NonFiniteSteps(device, tc.nan_patience), losses=LossMeter(device), log=log,
+        step=start)
+
+
+def _with_class_names(cfg: Config, dataset: ImageDataset) -> Config:
+    """``cfg`` with model.class_names from the data set (saved with the config into every
+    checkpoint, so sampling can take --class cat); a class count that does not fit is an error."""
+    num_classes = cfg.model.num_classes
+    if num_classes and num_classes != dataset.num_classes:
+        raise ConfigError(f"config key 'model.num_classes' is {num_classes} but data set "
+                          f"'{cfg.data.dataset}' has {dataset.num_classes} classes")
+    if num_classes and not cfg.model.class_names and dataset.class_names:
+        return replace(cfg, model=replace(cfg.model, class_names=tuple(dataset.class_names)))
+    return cfg
+
+
+def _saved_step(point: ResumePoint) -> int:
+    try:
+        return int(point.state["step"])
+    except (KeyError, ValueError, TypeError) as err:
+        raise _misfit(point, err) from None
+
+
+def _misfit(point: ResumePoint, err: Exception) -> CheckpointError:
+    return CheckpointError(f"the training state in '{point.path}' does not fit this run "
+                           f"({type(err).__name__}: {err}); resume with the config it was "
+                           f"trained with (EXP_DIR/config.yaml)")
+
+
+def restore(state: TrainState, point: ResumePoint) -> None:
+    """Load a checkpoint into a run built at its step: raw and EMA weights, AdamW's moments, the
+    LR schedule, the NaN/Inf count. The RNGs come last, in ``restore_rngs``."""
+    load_training_weights(point.path, state.accelerator.unwrap_model(state.model), state.ema,
+                          point.tensors)
+    try:
+        state.optimizer.load_state_dict(point.state["optimizer"])
+        state.scheduler.load_state_dict(point.state["scheduler"])
+    except (KeyError, ValueError, TypeError, RuntimeError) as err:
+        raise _misfit(point, err) from None
+    state.nonfinite = NonFiniteSteps(state.device, state.cfg.train.nan_patience,
+                                     int(point.state.get("nonfinite_steps", 0)))
+    state.checkpoint, state.saved_step = point.path, state.step
+
+
+def restore_rngs(state: TrainState, point: ResumePoint) -> None:
+    """This process's saved RNG states (global and the run's generator). Call it after anything
+    that may still draw from the global RNG (building the loader iterator, the hooks' setup, the
+    logger), so that a resumed run continues exactly where it stopped. A checkpoint from another
+    number of processes has only rank 0's; the other ranks then keep their fresh seeds rather
+    than repeat rank 0's noise."""
+    ranks = point.state.get("rng_ranks", [])
+    accelerator = state.accelerator
+    if len(ranks) == accelerator.num_processes:
+        states = ranks[accelerator.process_index]
+    elif accelerator.process_index == 0:
+        states = point.state["rng"]
+    else:
+        return
+    torch.set_rng_state(states["torch"])
+    state.generator.set_state(states["generator"])
+    if "cuda" in states and torch.cuda.is_available():
+        torch.cuda.set_rng_state(states["cuda"])
+
+
+def _rng_states(generator: torch.Generator) -> dict[str, Tensor]:
+    states = {"torch": torch.get_rng_state(), "generator": generator.get_state()}
+    if torch.cuda.is_available():
+        states["cuda"] = torch.cuda.get_rng_state()
+    return states
+
+
+def _rng_states_of_all(accelerator, generator: torch.Generator) -> list[dict[str, Tensor]]:
+    """The RNG states of every process in rank order (a collective call when there are several):
+    each rank draws its own timesteps and noise, so each must resume its own stream."""
+    states = _rng_states(generator)
+    if accelerator.num_processes == 1:
+        return [states]
+    from accelerate.utils import gather_object
+    return gather_object([states])
+
+
+# --------------------------------------------------------------------------- the loop's own hooks
+
+
+def log_scalars(state: TrainState) -> None:
+    """The mean loss since the last call and the LR, to the progress bar and the logger; also
+    where skipped NaN/Inf steps are noticed (a host sync)."""
+    if not state.losses.steps_since("log"):
+        return  # nothing trained since: a run resumed at its last step
+    state.nonfinite.check(state.step, latest_checkpoint(state.run_dir), state.log)
+    loss = state.losses.mean("log", state.accelerator)  # NaN if every step was skipped
+    lr = state.scheduler.get_last_lr()[0]
+    state.postfix.update(loss=f"{loss:.4f}", lr=f"{lr:.2e}")
+    state.logger.log_scalars({"train/loss": loss, "train/lr": lr}, state.step)
+
+
+def save(state: TrainState) -> None:
+    """Checkpoint this step (unless it already is one) with everything ``restore`` needs; its
+    keep_best score is the mean loss since the previous save. Weights that are no longer finite
+    are refused."""
+    if state.saved_step == state.step:
+        return
+    run_dir, step = state.run_dir, state.step
+    state.nonfinite.check(step, latest_checkpoint(run_dir), state.log)
+    raw = state.accelerator.unwrap_model(state.model)
+    for module in (raw, state.ema):
+        if not all(bool(torch.isfinite(p).all()) for p in module.parameters()):
+            raise TrainingDiverged(f"weights became non-finite by step {step}; not saved. Last "
+                                   f"good checkpoint: {latest_checkpoint(run_dir)}. Lower "
+                                   f"--train.lr or use bf16 instead of fp16")
+    training_state = {
+        "step": step, "optimizer": state.optimizer.state_dict(),
+        "scheduler": state.scheduler.state_dict(), "rng": _rng_states(state.generator),
+        "nonfinite_steps": int(state.nonfinite.total),
+        "rng_ranks": _rng_states_of_all(state.accelerator, state.generator)}
+    score = state.losses.mean("save", state.accelerator)
+    tc = state.cfg.train
+    if state.main:
+        state.checkpoint = save_checkpoint(
+            run_dir, step, raw, state.ema, training_state, state.cfg, keep_last=tc.keep_last,
+            score=score if tc.keep_best and not math.isnan(score) else None)
+    state.saved_step = step
+    state.accelerator.wait_for_everyone()
+
+
+def _run_hooks(state: TrainState, hooks: Sequence[Hook]) -> None:
+    """Each hook in turn, on RNGs forked from training's: whatever a hook draws (sampling a grid)
+    leaves the training stream as it was, so a resumed run matches a straight one."""
+    device = state.device
+    for hook in hooks:
+        with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+            hook.fn(state)
+
+
+def _interrupt(state: TrainState, signum: int) -> None:
+    save(state)
+    raise TrainingInterrupted(
+        f"training stopped by signal {signum} at step {state.step}; checkpoint saved to "
+        f"{state.checkpoint}. Resume with: pixeldiffusion train -e {state.run_dir} --resume auto")
 
 
 @contextmanager
@@ -183,38 +589,7 @@ def _stop_on_signals() -> Iterator[dict[str, int]]:
             signal.signal(sig, old)
 
 
-def _rng_states(generator: torch.Generator) -> dict[str, Tensor]:
-    states = {"torch": torch.get_rng_state(), "generator": generator.get_state()}
-    if torch.cuda.is_available():
-        states["cuda"] = torch.cuda.get_rng_state()
-    return states
-
-
-def _set_rng_states(states: dict[str, Tensor], generator: torch.Generator) -> None:
-    torch.set_rng_state(states["torch"])
-    generator.set_state(states["generator"])
-    if "cuda" in states and torch.cuda.is_available():
-        torch.cuda.set_rng_state(states["cuda"])
-
-
-def _rng_states_of_all(accelerator, generator: torch.Generator) -> list[dict[str, Tensor]]:
-    """The RNG states of every process in rank order (a collective call when there are several):
-    each rank draws its own timesteps and noise, so each must resume its own stream."""
-    states = _rng_states(generator)
-    if accelerator.num_processes == 1:
-        return [states]
-    from accelerate.utils import gather_object
-    return gather_object([states])
-
-
-def _rng_of_rank(state: dict, accelerator) -> dict[str, Tensor] | None:
-    """This process's saved RNG states. A checkpoint from another number of processes (or from
-    before per-rank states) has only rank 0's; the other ranks then keep their fresh seeds rather
-    than repeat rank 0's noise."""
-    ranks = state.get("rng_ranks", [])
-    if len(ranks) == accelerator.num_processes:
-        return ranks[accelerator.process_index]
-    return state["rng"] if accelerator.process_index == 0 else None
+# --------------------------------------------------------------------------- setup and report
 
 
 def _make_accelerator(cfg: Config):
@@ -257,228 +632,45 @@ def _resume_point(run_dir: Path, resume: str | None,
     return load_resume_point(found)
 
 
-def train(cfg: Config, run_dir: str | Path | None = None, *, resume: str | None = None,
-          progress: bool = True, log: Callable[[str], None] = _log) -> TrainResult:
-    """Train ``cfg`` into ``run_dir``; ``resume`` is None, "auto" or a checkpoint path.
-
-    The main process holds ``run_dir/train.lock`` throughout, so a second run pointed at the
-    same directory is refused while this one lives (see ``checkpoint.run_lock``).
-    """
-    run_dir = Path(run_dir) if run_dir is not None else default_run_dir()
-    accelerator = _make_accelerator(cfg)
-    with run_lock(run_dir) if accelerator.is_main_process else nullcontext():
-        point = _resume_point(run_dir, resume, log if accelerator.is_main_process else _quiet)
-        return _train_locked(cfg, run_dir, point, accelerator, progress, log)
-
-
-def _quiet(_message: str) -> None:
-    """The log of non-main processes: they say nothing."""
+def _announce(state: TrainState, point: ResumePoint | None) -> None:
+    """Main process: write run_dir/config.yaml and say what is being trained where."""
+    if not state.main:
+        return
+    cfg, accelerator = state.cfg, state.accelerator
+    state.run_dir.mkdir(parents=True, exist_ok=True)
+    save_config(cfg, state.run_dir / "config.yaml")
+    where = f"resuming from {point.path} at step {state.step}" if point else "new run"
+    processes = "" if accelerator.num_processes == 1 else f" x{accelerator.num_processes}"
+    state.log(f"pixeldiffusion: {where}; run directory {state.run_dir}")
+    state.log(f"  data: {cfg.data.dataset}, {len(state.dataset)} images of {cfg.data.channels}x"
+              f"{cfg.data.image_size}x{cfg.data.image_size}; model: "
+              f"{count_parameters(state.ema):,} parameters; device: {state.device}{processes}"
+              f"; mixed precision: {cfg.train.mixed_precision}{_resolved(accelerator, cfg)}")
 
 
-def _train_locked(cfg: Config, run_dir: Path, point: ResumePoint | None, accelerator,
-                  progress: bool, log: Callable[[str], None]) -> TrainResult:
-    """The training loop proper, with the run directory locked and the resume point loaded."""
-    resume_from = point.path if point is not None else None
-    device, main = accelerator.device, accelerator.is_main_process
-    use_fast_kernels(device)
-    tc = cfg.train
-
-    dataset = load_dataset(cfg.data)
-    if cfg.model.num_classes and cfg.model.num_classes != dataset.num_classes:
-        raise ConfigError(f"config key 'model.num_classes' is {cfg.model.num_classes} but data set "
-                          f"'{cfg.data.dataset}' has {dataset.num_classes} classes")
-    if cfg.model.num_classes and not cfg.model.class_names and dataset.class_names:
-        # saved with the config into every checkpoint, so sampling can take --class cat
-        cfg = replace(cfg, model=replace(cfg.model, class_names=tuple(dataset.class_names)))
-    torch.manual_seed(tc.seed)
-    model = build_unet(cfg.model, in_channels=cfg.data.channels, image_size=cfg.data.image_size)
-    ema = copy.deepcopy(model).requires_grad_(False).eval()
-    optimizer = torch.optim.AdamW(model.parameters(), lr=tc.lr, weight_decay=tc.weight_decay,
-                                  fused=device.type in FUSED_ADAMW)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda s: lr_factor(s, tc.warmup_steps, tc.lr_schedule, tc.steps))
-    generator = make_generator(device, tc.seed + accelerator.process_index)
-
-    step = 0
-    if point is not None:
-        state = point.state
-        load_training_weights(point.path, model, ema, point.tensors)
-        try:
-            optimizer.load_state_dict(state["optimizer"])
-            scheduler.load_state_dict(state["scheduler"])
-            step = int(state["step"])
-        except (KeyError, ValueError, TypeError, RuntimeError) as err:
-            raise CheckpointError(f"the training state in '{point.path}' does not fit this run "
-                                  f"({type(err).__name__}: {err}); resume with the config it "
-                                  f"was trained with (EXP_DIR/config.yaml)") from None
-    loader = make_loader(dataset, tc.batch_size, seed=tc.seed, start=step,
-                         num_workers=cfg.data.num_workers, rank=accelerator.process_index,
-                         world_size=accelerator.num_processes, pin_memory=device.type == "cuda")
-    batches = iter(loader)
-
-    # channels-last runs the convolutions ~15% faster on CPU (oneDNN) and on tensor cores
-    model.to(memory_format=torch.channels_last)
-    ema.to(device, memory_format=torch.channels_last)
-    model, optimizer = accelerator.prepare(model, optimizer)
-    # the compiled wrapper shares model's parameters; saving and the EMA use model itself
-    forward = torch.compile(model) if tc.compile else model
-    alphas_cumprod = alphas_cumprod_of(cfg).float().to(device)
-
-    writer = None
-    if main:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        save_config(cfg, run_dir / "config.yaml")
-        if tc.tensorboard:
-            from torch.utils.tensorboard import SummaryWriter
-            writer = SummaryWriter(str(run_dir / "tensorboard"))
-        where = f"resuming from {resume_from} at step {step}" if resume_from else "new run"
-        log(f"pixeldiffusion: {where}; run directory {run_dir}")
-        log(f"  data: {cfg.data.dataset}, {len(dataset)} images of {cfg.data.channels}x"
-            f"{cfg.data.image_size}x{cfg.data.image_size}; model: "
-            f"{count_parameters(ema):,} parameters; device: {device}"
-            f"{'' if accelerator.num_processes == 1 else f' x{accelerator.num_processes}'}"
-            f"; mixed precision: {tc.mixed_precision}"
-            f"{f' -> {accelerator.mixed_precision}' if tc.mixed_precision == 'auto' else ''}")
-
-    nonfinite = NonFiniteSteps(device, tc.nan_patience,
-                               int(point.state.get("nonfinite_steps", 0)) if point else 0)
-    inner_optimizer = getattr(optimizer, "optimizer", optimizer)  # under accelerate's wrapper
-    scaler = getattr(optimizer, "scaler", None)  # fp16: GradScaler skips overflowing steps
-    skips_on_device = device.type in FUSED_ADAMW and scaler is None
-    since_save = torch.zeros(2, device=device)  # finite loss sum and count since the last save
-
-    def save(at_step: int) -> Path:
-        nonfinite.check(at_step, latest_checkpoint(run_dir), log if main else _quiet)
-        raw = accelerator.unwrap_model(model)
-        for module in (raw, ema):
-            if not all(bool(torch.isfinite(p).all()) for p in module.parameters()):
-                raise TrainingDiverged(f"weights became non-finite by step {at_step}; not saved. "
-                                       f"Last good checkpoint: {latest_checkpoint(run_dir)}. "
-                                       f"Lower --train.lr or use bf16 instead of fp16")
-        state = {"step": at_step, "optimizer": optimizer.state_dict(),
-                 "scheduler": scheduler.state_dict(), "rng": _rng_states(generator),
-                 "nonfinite_steps": int(nonfinite.total),
-                 "rng_ranks": _rng_states_of_all(accelerator, generator)}
-        loss_sum_count = accelerator.reduce(since_save, "sum").tolist()
-        score = loss_sum_count[0] / loss_sum_count[1] if tc.keep_best and loss_sum_count[1] \
-            else None
-        since_save.zero_()
-        path = None
-        if main:
-            path = save_checkpoint(run_dir, at_step, raw, ema, state, cfg, keep_last=tc.keep_last,
-                                   score=score)
-        accelerator.wait_for_everyone()
-        return path
-
-    def grid(name: str) -> Path | None:
-        if not main:
-            return None
-        images = generate(ema, cfg, device).images
-        return save_grid(images, run_dir / "samples" / name, nrow=cfg.sample.nrow)
-
-    evaluator, eval_postfix = None, {}
-    if main and tc.eval_samples:
-        from .evaluate import TrainingEval
-        evaluator = TrainingEval(cfg, device)
-
-    def evaluate(at_step: int) -> None:
-        """Score EMA samples (train.eval_*): log line, progress bar and TensorBoard."""
-        if evaluator is None:
-            return
-        line, scalars = evaluator(ema, cfg)
-        log(f"eval at step {at_step}: {line}")
-        for tag, value in scalars.items():
-            if writer is not None:
-                writer.add_scalar(tag, value, at_step)
-            if tag in ("eval/digit_fid", "eval/fid"):
-                eval_postfix[tag.split("/")[1].replace("_", "")] = f"{value:.1f}"
-
-    # Restore the RNGs last: creating the loader iterator, the evaluator or the writer may draw
-    # from the global RNG, and a resumed run must continue exactly where it stopped.
-    if resume_from is not None:
-        rng = _rng_of_rank(state, accelerator)
-        if rng is not None:
-            _set_rng_states(rng, generator)
-    model_kwargs = {}
-    loss_sum, loss_count, checkpoint = torch.zeros((), device=device), 0.0, resume_from
-    bar = tqdm(total=tc.steps, initial=step, disable=not (progress and main), desc="train",
-               dynamic_ncols=True, mininterval=0.5 if sys.stderr.isatty() else 10)
-    with _stop_on_signals() as stop:
-        while step < tc.steps:
-            if stop:
-                checkpoint = save(step)
-                raise TrainingInterrupted(
-                    f"training stopped by signal {stop['signal']} at step {step}; checkpoint "
-                    f"saved to {checkpoint}. Resume with: pixeldiffusion train -e {run_dir} "
-                    f"--resume auto")
-            x, y = next(batches)
-            x = x.to(device, non_blocking=True).contiguous(memory_format=torch.channels_last)
-            if cfg.data.random_flip:
-                x = random_hflip(x, generator)
-            if cfg.model.num_classes:  # null class = num_classes (classifier-free guidance)
-                model_kwargs["y"] = drop_labels(y.to(device, non_blocking=True), tc.p_uncond,
-                                                cfg.model.num_classes, generator)
-            with accelerator.autocast():
-                loss = training_loss(forward, x, alphas_cumprod,
-                                     prediction=cfg.diffusion.prediction, loss=cfg.diffusion.loss,
-                                     min_snr_gamma=cfg.diffusion.min_snr_gamma,
-                                     generator=generator, **model_kwargs)
-            accelerator.backward(loss)
-            # with max_norm inf the clip multiplies by exactly 1: only the norm is wanted
-            grad_norm = accelerator.clip_grad_norm_(
-                model.parameters(), tc.grad_clip if tc.grad_clip > 0 else float("inf"))
-            # fp16 gradients overflow now and then by design; there only the loss counts
-            bad = nonfinite.flag(loss, grad_norm if scaler is None else None, accelerator)
-            if skips_on_device:
-                inner_optimizer.found_inf = bad  # the fused kernel skips the update on device
-                optimizer.step()
-            elif scaler is not None or not bad.item():
-                optimizer.step()
-            scheduler.step()
-            optimizer.zero_grad(set_to_none=True)
-            ema_update(ema, accelerator.unwrap_model(model), ema_decay_at(cfg, step), skip=bad)
-            step += 1
-            good_loss = torch.where(bad > 0, 0.0, loss.detach().float())
-            loss_sum += good_loss
-            loss_count += 1 - bad
-            since_save.add_(torch.stack([good_loss, 1 - bad]))
-            bar.update(1)
-
-            if step % tc.log_every == 0 or step == tc.steps:
-                nonfinite.check(step, latest_checkpoint(run_dir), log if main else _quiet)
-                good_steps = float(loss_count)
-                mean_loss = float(accelerator.reduce(loss_sum, "mean")) / good_steps \
-                    if good_steps else float("nan")  # every step of the interval was skipped
-                lr = scheduler.get_last_lr()[0]
-                bar.set_postfix(loss=f"{mean_loss:.4f}", lr=f"{lr:.2e}", **eval_postfix)
-                if writer is not None:
-                    writer.add_scalar("train/loss", mean_loss, step)
-                    writer.add_scalar("train/lr", lr, step)
-                loss_sum.zero_()
-                loss_count = torch.zeros((), device=device)
-            if tc.sample_every and step % tc.sample_every == 0 and step < tc.steps:
-                grid(f"step-{step:07d}.png")
-            if tc.eval_every and step % tc.eval_every == 0 and step < tc.steps:
-                evaluate(step)
-            if tc.save_every and step % tc.save_every == 0 and step < tc.steps:
-                checkpoint = save(step)
-    bar.close()
-    if checkpoint is None or step != _step_of(checkpoint):
-        checkpoint = save(step)
-    final_grid = grid("final.png")
-    evaluate(step)
-    if writer is not None:
-        writer.close()
-    if main:
-        skipped = dataset.skipped_files()
-        if skipped:
-            shown = ", ".join(str(p) for p in skipped[:5])
-            log(f"pixeldiffusion: warning: skipped {len(skipped)} unreadable image file(s): "
-                f"{shown}{', ...' if len(skipped) > 5 else ''}")
-        log(f"checkpoint: {checkpoint}")
-        log(f"sample grid: {final_grid}")
-    return TrainResult(run_dir, checkpoint, final_grid, step)
+def _resolved(accelerator, cfg: Config) -> str:
+    """" -> bf16" when train.mixed_precision auto chose a precision, else ""."""
+    return f" -> {accelerator.mixed_precision}" if cfg.train.mixed_precision == "auto" else ""
 
 
-def _step_of(checkpoint: Path) -> int:
-    return int(checkpoint.name.split("-")[-1])
+def _open_logger(state: TrainState) -> ScalarLogger:
+    """train.logger on the main process; the others log nothing."""
+    if not state.main:
+        return NullLogger()
+    tc = state.cfg.train
+    return make_logger(tc.logger, state.run_dir, config=state.cfg.to_dict(),
+                       project=tc.wandb_project)
+
+
+def _report(state: TrainState) -> None:
+    """Main process: the unreadable files the data set skipped, the final checkpoint and grid."""
+    if not state.main:
+        return
+    skipped = state.dataset.skipped_files()
+    if skipped:
+        shown = ", ".join(str(p) for p in skipped[:5])
+        state.log(f"pixeldiffusion: warning: skipped {len(skipped)} unreadable image file(s): "
+                  f"{shown}{', ...' if len(skipped) > 5 else ''}")
+    state.log(f"checkpoint: {state.checkpoint}")
+    if state.grid is not None:
+        state.log(f"sample grid: {state.grid}")
