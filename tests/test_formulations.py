@@ -36,7 +36,7 @@ from pixeldiffusion.formulations import (
 )
 from pixeldiffusion.guidance import guided_model
 from pixeldiffusion.samplers import SAMPLERS, sample
-from pixeldiffusion.schedule import alphas_cumprod_at, sigmas_of
+from pixeldiffusion.schedule import alphas_cumprod_at, sigma_of
 
 F64 = torch.float64
 
@@ -165,14 +165,14 @@ def test_edm_denoiser_is_the_identity_as_sigma_goes_to_zero():
 
 def test_edm_table_is_uniform_in_log_sigma_and_fractional_steps_are_exact():
     table = edm_alphas_cumprod(1000, 0.002, 80.0)
-    log_sigma = sigmas_of(table).log()
+    log_sigma = sigma_of(table).log()
     torch.testing.assert_close(log_sigma[[0, -1]], torch.tensor([0.002, 80.0], dtype=F64).log())
     steps = log_sigma.diff()
     torch.testing.assert_close(steps, torch.full_like(steps, steps.mean().item()))
     t = torch.tensor([0.5, 123.25, 998.9], dtype=F64)
     exact = torch.exp(math.log(0.002) + t / 999 * (math.log(80.0) - math.log(0.002)))
     # rtol: 1 - abar near sigma_min = 0.002 keeps about 11 digits of float64
-    torch.testing.assert_close(sigmas_of(alphas_cumprod_at(table, t)), exact, rtol=1e-9, atol=0)
+    torch.testing.assert_close(sigma_of(alphas_cumprod_at(table, t)), exact, rtol=1e-9, atol=0)
 
 
 def test_flow_interpolant_and_velocity_match_their_definitions():
@@ -226,7 +226,7 @@ def test_ot_pairing_is_the_cheapest_permutation():
 @pytest.mark.parametrize("shift", [1.0, 3.0])
 def test_flow_table_spans_edm_sigmas_uniformly_in_unshifted_time(shift):
     table = flow_alphas_cumprod(1000, 0.002, 80.0, shift)
-    sigma = sigmas_of(table)
+    sigma = sigma_of(table)
     torch.testing.assert_close(sigma[[0, -1]], torch.tensor([0.002, 80.0], dtype=F64))
     u = unshift_t(flow_t_of_sigma(sigma), shift)
     torch.testing.assert_close(u.diff(), torch.full((999,), u.diff().mean().item(), dtype=F64))
@@ -396,7 +396,7 @@ STOCHASTIC = ("ddpm", "euler_ancestral", "dpmpp_2m_sde")
 def _ode_solution(x_T, alphas_cumprod):
     """Data ~ N(MU, S^2): in EDM's x~ = x_t / sqrt(abar) the probability-flow ODE keeps
     z = (x~ - MU) / sqrt(S^2 + sigma^2) fixed; samplers end with D(x~; sigma_min)."""
-    sigma = sigmas_of(alphas_cumprod)
+    sigma = sigma_of(alphas_cumprod)
     sigma_min, sigma_max = float(sigma[0]), float(sigma[-1])
     z = (x_T / float(alphas_cumprod[-1]) ** 0.5 - MU) / (S**2 + sigma_max**2) ** 0.5
     x_min = MU + (S**2 + sigma_min**2) ** 0.5 * z
@@ -520,7 +520,7 @@ def test_formulation_knobs_reach_the_loss_and_the_table():
     assert loss_for(d) == FlowLoss(prediction="x0", t_mean=-0.5, t_std=0.7, shift=2.0, ot=True)
     bridge = bridge_for(d)
     assert bridge.alphas_cumprod.shape == (50,) and bridge.prediction == "x0"
-    assert sigmas_of(bridge.alphas_cumprod)[-1].item() == pytest.approx(20.0)
+    assert sigma_of(bridge.alphas_cumprod)[-1].item() == pytest.approx(20.0)
     d = diffusion_config("edm", None, "--diffusion.sigma_data", "0.7", "--diffusion.p_mean", "-1")
     assert loss_for(d) == EDMLoss(sigma_data=0.7, p_mean=-1.0, p_std=1.2)
     with pytest.raises(ValueError, match="unknown formulation 'edn'; did you mean 'edm'"):
