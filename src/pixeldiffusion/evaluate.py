@@ -325,8 +325,9 @@ class TrainingEval:
         from .generate import generate
 
         tc = cfg.train
+        # random labels: the metric compares the whole distribution, whatever rows a grid shows
         s = replace(cfg.sample, sampler=tc.eval_sampler, steps=tc.eval_steps,
-                    n_samples=tc.eval_samples)
+                    n_samples=tc.eval_samples, class_label="random")
         was_training = model.training
         model.eval()
         try:
