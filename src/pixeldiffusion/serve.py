@@ -695,11 +695,10 @@ def make_app(queue: JobQueue, limits: Limits, access: Access = Access()) -> Any:
     _require_ui()
     from starlette.applications import Starlette
     from starlette.requests import Request as HTTPRequest
-    from starlette.responses import FileResponse, JSONResponse, Response, StreamingResponse
+    from starlette.responses import FileResponse, JSONResponse, Response
     from starlette.routing import Route
 
     entries = list(queue.entries.values())
-    streams = Streams(limits)
 
     async def index(_: HTTPRequest) -> Response:
         return FileResponse(STATIC / "index.html", media_type="text/html")
@@ -735,6 +734,21 @@ def make_app(queue: JobQueue, limits: Limits, access: Access = Access()) -> Any:
                                 status_code=400)
         return JSONResponse({"job": job.id, "position": job.events[0][1]["position"],
                              "events": f"/api/jobs/{job.id}/events"}, status_code=202)
+
+    app = Starlette(routes=[
+        Route("/", index), Route("/api/options", options),
+        Route("/api/generate", submit, methods=["POST"]), *_job_routes(queue, limits)])
+    return Guard(app, access, limits.max_body)
+
+
+def _job_routes(queue: JobQueue, limits: Limits) -> list[Any]:
+    """The routes of one submitted job: its live events (SSE, capped per job and in all), its
+    finished grid, and the queue's status."""
+    from starlette.requests import Request as HTTPRequest
+    from starlette.responses import JSONResponse, Response, StreamingResponse
+    from starlette.routing import Route
+
+    streams = Streams(limits)
 
     def find(request: HTTPRequest) -> Job | None:
         return queue.jobs.get(request.path_params["job"])
@@ -772,12 +786,8 @@ def make_app(queue: JobQueue, limits: Limits, access: Access = Access()) -> Any:
     async def status(_: HTTPRequest) -> Response:
         return JSONResponse(queue.status())
 
-    app = Starlette(routes=[
-        Route("/", index), Route("/api/options", options),
-        Route("/api/generate", submit, methods=["POST"]),
-        Route("/api/jobs/{job}/events", events), Route("/api/jobs/{job}/grid.png", grid),
-        Route("/api/status", status)])
-    return Guard(app, access, limits.max_body)
+    return [Route("/api/jobs/{job}/events", events), Route("/api/jobs/{job}/grid.png", grid),
+            Route("/api/status", status)]
 
 
 async def _job_events(job: Job) -> AsyncIterator[str]:
