@@ -9,6 +9,7 @@ the error messages all come from the same place.
 from __future__ import annotations
 
 import dataclasses
+import inspect
 import math
 import os
 import types
@@ -21,6 +22,7 @@ from typing import Any
 import yaml
 
 from .errors import ConfigError, did_you_mean
+from .samplers import SAMPLERS, sample
 
 
 def _opt(default: Any, *, choices: Sequence[Any] | Callable[[], Sequence[Any]] | None = None,
@@ -157,7 +159,8 @@ class TrainConfig:
                              "quality at the end of training; 0 = off (evaluate.py)")
     eval_every: int = _opt(0, low=0, high=100_000_000, doc="also score every N steps; 0 = only "
                            "at the end")
-    eval_sampler: str = _opt("ddim", doc="sampler of the training-time metric")
+    eval_sampler: str = _opt("ddim", choices=tuple(SAMPLERS),
+                             doc="sampler of the training-time metric")
     eval_steps: int = _opt(20, low=1, high=100_000, doc="its sampling steps")
     eval_metric: str = _opt("digits", choices=("digits", "inception", "both"),
                             doc="digits = offline digit-FID vs the built-in digits; inception = "
@@ -166,11 +169,9 @@ class TrainConfig:
                            "label is replaced by the null class (classifier-free guidance)")
 
 
-def _sampler_names() -> tuple[str, ...]:
-    """The names of ``samplers.SAMPLERS``, looked up when a config is checked (samplers.py
-    imports torch, which a config alone does not need)."""
-    from .samplers import SAMPLERS
-    return tuple(SAMPLERS)
+# samplers.sample states the sampling defaults and SAMPLERS the names; the config reads both
+_SAMPLE_DEFAULTS = {name: p.default for name, p in inspect.signature(sample).parameters.items()
+                    if p.default is not inspect.Parameter.empty}
 
 
 DEPRECATED_KEYS = {"sample.skip_type": "sample.spacing"}  # old configs and checkpoints still load
@@ -184,28 +185,31 @@ class SampleConfig:
     options (``eta``, ``var_type``, ``order``, ``variant``) go to every sampler that takes them
     (``samplers.option_names``); None leaves the sampler's own default."""
 
-    sampler: str = _opt("ddpm", choices=_sampler_names, doc="samplers.SAMPLERS")
-    steps: int = _opt(100, low=1, high=100_000, doc="model calls; < T skips steps")
+    sampler: str = _opt(_SAMPLE_DEFAULTS["sampler"], choices=tuple(SAMPLERS),
+                        doc="samplers.SAMPLERS")
+    steps: int = _opt(_SAMPLE_DEFAULTS["steps"], low=1, high=100_000,
+                      doc="model calls; < T skips steps")
     eta: float | None = _opt(None, low=0.0, high=10.0, doc="noise of the samplers that take it "
                              "(ddim, euler_ancestral, dpmpp_2m_sde): 0 = deterministic; null = "
                              "the sampler's own default")
     var_type: str | None = _opt(None, choices=("fixed_small", "fixed_large"),
                                 doc="ddpm variance; null = the sampler's own default")
-    spacing: str | None = _opt(None, doc="timestep spacing: uniform (trailing), leading, "
-                               "linspace, quadratic, karras, logsnr, optimal (fitted to the "
-                               "model: optimal_steps.py), or a list such as 999,500,100 "
-                               "(schedule.py); null = the sampler's own "
+    spacing: str | None = _opt(_SAMPLE_DEFAULTS["spacing"], doc="timestep spacing: uniform "
+                               "(trailing), leading, linspace, quadratic, karras, logsnr, "
+                               "optimal (fitted to the model: optimal_steps.py), or a list "
+                               "such as 999,500,100 (schedule.py); null = the sampler's own "
                                "(samplers.default_spacing); alias: skip_type")
     order: int | None = _opt(None, low=1, high=3, doc="unipc: order of the predictor-corrector; "
                              "null = the sampler's own default")
     variant: str | None = _opt(None, choices=("bh1", "bh2"), doc="unipc: B(h) = h or e^h - 1; "
                                "null = the sampler's own default")
-    dynamic_threshold: float = _opt(0.0, low=0.0, high=0.9999, doc="Imagen dynamic thresholding "
-                                    "quantile, e.g. 0.995 (replaces clip_x0); 0 = off")
+    dynamic_threshold: float = _opt(_SAMPLE_DEFAULTS["dynamic_threshold"], low=0.0, high=0.9999,
+                                    doc="Imagen dynamic thresholding quantile, e.g. 0.995 "
+                                    "(replaces clip_x0); 0 = off")
     n_samples: int = _opt(64, low=1, high=1_000_000)
     batch_size: int = _opt(64, low=1, high=65536)
     nrow: int = _opt(8, low=1, high=1024)
-    clip_x0: bool = _opt(True, doc="clip the predicted x0 to [-1, 1]")
+    clip_x0: bool = _opt(_SAMPLE_DEFAULTS["clip_x0"], doc="clip the predicted x0 to [-1, 1]")
     use_ema: bool = _opt(True)
     seed: int = _opt(0, low=0, high=2**63 - 1)
     precision: str = _opt("auto", choices=("auto", "fp32", "bf16", "fp16"),

@@ -36,7 +36,6 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from .config import SampleConfig
 from .diffusion import x0_eps_from_output
 from .errors import did_you_mean
 from .schedule import (
@@ -495,14 +494,13 @@ def default_spacing(sampler: str) -> str:
 
 
 def sample(model: Callable[[Tensor, Tensor], Tensor], x_T: Tensor, alphas_cumprod: Tensor, *,
-           sampler: str = SampleConfig.sampler, steps: int = SampleConfig.steps,
-           spacing: str | Sequence[float] | Tensor | None = SampleConfig.spacing,
-           prediction: str = "eps", clip_x0: bool = SampleConfig.clip_x0,
-           dynamic_threshold: float = SampleConfig.dynamic_threshold,
+           sampler: str = "ddpm", steps: int = 100,
+           spacing: str | Sequence[float] | Tensor | None = None,
+           prediction: str = "eps", clip_x0: bool = True, dynamic_threshold: float = 0.0,
            generator: torch.Generator | None = None, callback: Callback | None = None,
            **options: Any) -> Tensor:
-    """Draw x_0 from any noise-, x0- or v-prediction model. The defaults are those of a run's
-    sample section (``config.SampleConfig``).
+    """Draw x_0 from any noise-, x0- or v-prediction model. These defaults are stated here once:
+    a run's sample section (``config.SampleConfig``) takes its own from this signature.
 
     model: ``model(x_t, t) -> eps | x0 | v`` with x_t [N, ...] and t [N] in [0, T-1]: long for
         integer spacings, float for ``karras`` / ``logsnr``.
