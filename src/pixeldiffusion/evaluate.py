@@ -299,14 +299,7 @@ class TrainingEval:
     set. Reference features are computed once (and cached on disk)."""
 
     def __init__(self, cfg: Any, device: torch.device) -> None:
-        from .errors import ConfigError
-        from .samplers import SAMPLERS
-
-        tc = cfg.train
-        if tc.eval_sampler not in SAMPLERS:
-            raise ConfigError(f"config key 'train.eval_sampler' is '{tc.eval_sampler}'; "
-                              f"{did_you_mean(tc.eval_sampler, SAMPLERS)}use one of "
-                              f"{', '.join(SAMPLERS)}")
+        tc = cfg.train  # train.eval_sampler is one of samplers.SAMPLERS (the config checks it)
         self.device, self.warned = device, False
         self.parts: list[tuple[Extractor, Reference]] = []
         size, channels = cfg.data.image_size, cfg.data.channels
