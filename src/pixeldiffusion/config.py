@@ -140,8 +140,8 @@ class TrainConfig:
                                 "runs it natively and the model is wide enough, else no "
                                 "(device.resolve_precision)")
     compile: bool = _opt(False, doc="torch.compile the UNet's training forward/backward: a "
-                         "one-off compile of minutes, meant for long GPU runs; on the 2-core "
-                         "CPU it measured no faster (README, Speed)")
+                         "one-off compile of minutes, meant for long GPU runs; on small CPUs it "
+                         "does not pay (docs/performance.md)")
     device: str = _opt("auto", doc="auto | cpu | cuda | cuda:N | mps")
     log_every: int = _opt(50, low=1, high=100_000_000)
     sample_every: int = _opt(400, low=0, high=100_000_000, doc="sample grid PNG; 0 = off")

@@ -42,8 +42,8 @@ def sampling_network(model: torch.nn.Module, device: torch.device, *, precision:
     inpainting) goes through here, so this is the one place that sets the path up.
 
     On CPU and CUDA the weights are put in channels-last (in place) and each x_t handed to the
-    model too (a no-op copy check when it already is), which runs the convolutions ~1.3x faster
-    on the 2-core CPU (README, Speed); on CUDA cuDNN also autotunes its algorithms
+    model too (a no-op copy check when it already is), which runs oneDNN's convolutions faster
+    (docs/performance.md); on CUDA cuDNN also autotunes its algorithms
     (``device.use_fast_kernels``). ``precision`` bf16 / fp16 runs each call under
     ``torch.autocast`` (the sampler's own arithmetic stays float32); ``auto`` picks bf16 where
     the device runs it natively and the model is wide enough to gain, else fp32
