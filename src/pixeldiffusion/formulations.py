@@ -372,7 +372,8 @@ def alphas_cumprod_for(d: DiffusionConfig) -> Tensor:
 
 
 def _build(d: DiffusionConfig) -> tuple[LossFn, VPBridge]:
-    return _BUILDERS[d.formulation](d, alphas_cumprod_for(d))
+    table = alphas_cumprod_for(d)  # checks the name first
+    return _BUILDERS[d.formulation](d, table)
 
 
 def loss_for(d: DiffusionConfig) -> LossFn:
