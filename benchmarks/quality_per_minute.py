@@ -7,6 +7,8 @@
         --ours "wide=--model.channels 32 --train.lr_schedule cosine --train.steps 2400"
     python benchmarks/quality_per_minute.py --ours "cond=-c configs/mnist_cond_cosine.yaml" \
         --diffusers_minutes                                     # the floor-goal recipe alone
+    python benchmarks/quality_per_minute.py --ours "edm=-c configs/mnist_edm.yaml" \
+        --ours "flow=-c configs/mnist_flow.yaml" --diffusers_minutes  # the other formulations
 
 Each recipe gets one CPU core and one thread (``--cores 2``, the default on a machine with two
 or more): the diffusers run on core 1 for the longest of ``--diffusers_minutes``, keeping its EMA
@@ -21,7 +23,8 @@ another on all cores instead.
   overrides set it or name a config file (``-c configs/mnist_cosine.yaml``), and no
   grids, checkpoints or evaluation during the run (the diffusers loop does none either). After
   the given minutes the script sends SIGINT and the run saves its current step (the documented
-  Ctrl-C behaviour). Samples: the checkpoint's own ``sample`` config, EMA weights.
+  Ctrl-C behaviour). Samples: the checkpoint's own ``sample`` config, EMA weights, through
+  its formulation's bridge (``generate``; DDPM, EDM or flow matching, as the run trained).
 * diffusers: what a user writes from diffusers' ``examples/unconditional_image_generation/
   train_unconditional.py``: ``UNet2DModel`` of the same widths (benchmarks/throughput.py's
   ``diffusers_unet``, same parameter count), ``DDPMScheduler`` (1000 steps, linear betas),

@@ -25,7 +25,8 @@ out = Path(sys.argv[1])
 cfg_args = sys.argv[2:]
 seen: dict = {"writes": [], "batches": []}
 
-real_ema_update, real_loss = train_module.ema_update, train_module.training_loss
+formulations_module = importlib.import_module("pixeldiffusion.formulations")
+real_ema_update, real_loss = train_module.ema_update, formulations_module.training_loss
 
 
 def ema_update(ema, model, *args, **kwargs):
@@ -47,7 +48,7 @@ def spy(module, name):
     return wrapper
 
 
-train_module.ema_update, train_module.training_loss = ema_update, training_loss
+train_module.ema_update, formulations_module.training_loss = ema_update, training_loss
 for module, name in ((train_module, "save_checkpoint"), (train_module, "save_config"),
                      (run_module, "save_grid")):
     setattr(module, name, spy(module, name))

@@ -267,14 +267,14 @@ def test_a_really_full_disk_tmpfs(tmp_path, tiny_args, tiny_config):
 
 def test_nan_steps_are_skipped_exactly_and_counted(tmp_path, tiny_args, monkeypatch):
     """A NaN loss at step 3 leaves weights, EMA and AdamW's moments exactly as after step 2."""
-    train_module = importlib.import_module("pixeldiffusion.train")
-    real_loss, calls = train_module.training_loss, []
+    loss_module = importlib.import_module("pixeldiffusion.formulations")  # the loop's DDPM loss
+    real_loss, calls = loss_module.training_loss, []
 
     def nan_at_step_3(*args, **kwargs):
         calls.append(1)
         loss = real_loss(*args, **kwargs)
         return loss * float("nan") if len(calls) == 3 else loss
-    monkeypatch.setattr(train_module, "training_loss", nan_at_step_3)
+    monkeypatch.setattr(loss_module, "training_loss", nan_at_step_3)
     lines = []
     cfg = load_config(None, tiny_args + ["--train.save_every", "1", "--train.keep_last", "10",
                                          "--train.log_every", "1"])
@@ -303,13 +303,13 @@ def test_nan_patience_stops_the_run_naming_the_cause_and_the_last_good_checkpoin
     run = tmp_path / "run"
     fault = """
         import importlib
-        train_module = importlib.import_module("pixeldiffusion.train")
-        real_loss, calls = train_module.training_loss, []
+        loss_module = importlib.import_module("pixeldiffusion.formulations")
+        real_loss, calls = loss_module.training_loss, []
         def nan_from_step_5(*args, **kwargs):
             calls.append(1)
             loss = real_loss(*args, **kwargs)
             return loss * float("nan") if len(calls) >= 5 else loss
-        train_module.training_loss = nan_from_step_5
+        loss_module.training_loss = nan_from_step_5
     """
     done = subprocess.run(cli_with_fault(fault, "train", "-e", run, *tiny_args, "--train.steps",
                                          "20", "--train.save_every", "2", "--train.nan_patience",

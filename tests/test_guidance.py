@@ -30,6 +30,7 @@ from pixeldiffusion.schedule import (
 )
 
 train_module = importlib.import_module("pixeldiffusion.train")
+formulations = importlib.import_module("pixeldiffusion.formulations")
 
 
 class ToyConditional(torch.nn.Module):
@@ -150,7 +151,7 @@ def test_training_drops_labels_at_the_configured_rate(tmp_path, tiny_args, monke
         seen.append(kwargs["y"].clone())
         return sum(p.sum() for p in model.parameters()) * 0.0  # no forward: only the labels count
 
-    monkeypatch.setattr(train_module, "training_loss", recording_loss)
+    monkeypatch.setattr(formulations, "training_loss", recording_loss)  # the loop's DDPM loss
     cfg = load_config(None, [*tiny_args, "--model.num_classes", "10", "--train.p_uncond", "0.3",
                              "--train.steps", "30", "--train.batch_size", "32",
                              "--train.log_every", "30", "--sample.n_samples", "1"])

@@ -69,20 +69,20 @@ def test_a_second_run_in_the_same_dir_refuses_without_resume(tmp_path, tiny_conf
 def test_a_nan_loss_stops_the_run_and_saves_nothing_non_finite(tmp_path, tiny_args):
     cfg = load_config(None, tiny_args + ["--train.lr", "1.0", "--train.grad_clip", "0",
                                          "--train.warmup_steps", "0", "--train.nan_patience", "1"])
-    train_module = importlib.import_module("pixeldiffusion.train")
-    real_loss = train_module.training_loss
+    loss_module = importlib.import_module("pixeldiffusion.formulations")  # the loop's DDPM loss
+    real_loss = loss_module.training_loss
     calls = []
 
     def poisoned(*args, **kwargs):
         calls.append(1)
         loss = real_loss(*args, **kwargs)
         return loss * float("nan") if len(calls) == 2 else loss
-    train_module.training_loss = poisoned
+    loss_module.training_loss = poisoned
     try:
         with pytest.raises(TrainingDiverged, match="Lower --train.lr"):
             train(cfg, tmp_path, progress=False, log=lambda *_: None)
     finally:
-        train_module.training_loss = real_loss
+        loss_module.training_loss = real_loss
     assert not list((tmp_path / "checkpoints").glob("step-*"))
 
 

@@ -20,6 +20,9 @@ Folder written by ``to_diffusers`` (``diffusers.DDPMPipeline.from_pretrained`` l
 (``config.json``, ``diffusion_pytorch_model.{safetensors,bin}``, ``scheduler_config.json`` side by
 side), including the attention key names of diffusers < 0.15 (``query``, ``key``, ``value``,
 ``proj_attn``).
+
+Only DDPM checkpoints convert: an EDM or flow-matching network (``diffusion.formulation``) would be
+sampled by the ``DDPMScheduler`` as a DDPM one, so ``to_diffusers`` refuses it.
 """
 
 from __future__ import annotations
@@ -212,11 +215,24 @@ def unet_config(cfg: Config) -> dict[str, Any]:
     }
 
 
+def check_exportable_formulation(cfg: Config) -> None:
+    """Refuse an EDM or flow-matching model: the folder written here is a ``DDPMPipeline``,
+    whose ``DDPMScheduler`` would call the network as a DDPM one (integer t, eps / x0 / v
+    output) and so sample it as a model it is not."""
+    formulation = cfg.diffusion.formulation
+    if formulation != "ddpm":
+        raise CheckpointError(f"a diffusion.formulation {formulation} checkpoint cannot be "
+                              f"exported: the diffusers folder written here is a DDPMPipeline, "
+                              f"which would sample this network as a DDPM one; only ddpm "
+                              f"checkpoints convert, sample this one with pixeldiffusion sample")
+
+
 def scheduler_config(cfg: Config) -> dict[str, Any]:
     """The ``DDPMScheduler`` scheduler_config.json of our diffusion and sample config. Our
     sigmoid schedule has no diffusers name (theirs is GeoDiff's) and goes as ``trained_betas``.
     Its ``timestep_spacing`` is "trailing", our default "uniform" spacing, so the exported
     ``DDPMPipeline`` with the same seed and number of steps draws our ``ddpm`` samples."""
+    check_exportable_formulation(cfg)
     d = cfg.diffusion
     names = {"linear": "linear", "cosine": "squaredcos_cap_v2"}
     trained = None
@@ -380,6 +396,7 @@ def to_diffusers(checkpoint: str | Path, out_dir: str | Path, *, use_ema: bool =
     """Write a diffusers DDPM pipeline folder for a checkpoint (file, checkpoint or run dir)."""
     loaded = load_checkpoint(checkpoint, use_ema=use_ema)
     cfg, out_dir = loaded.config, Path(out_dir)
+    check_exportable_formulation(cfg)  # before anything is written
     unet = unet_config(cfg)
     state = {k: v.detach().cpu() for k, v in loaded.model.state_dict().items()}
     weights = state_to_diffusers(state, cfg)

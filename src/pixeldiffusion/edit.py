@@ -26,6 +26,7 @@ from .checkpoint import LoadedCheckpoint
 from .data import load_image
 from .device import make_generator
 from .errors import PixelDiffusionError
+from .formulations import bridge_for
 from .generate import sampling_network
 from .images import atomic_save, make_grid, to_pil, to_uint8
 from .optimal_steps import calibrated_timesteps
@@ -38,7 +39,7 @@ from .samplers import (
     make_denoiser,
     sample,
 )
-from .schedule import alphas_cumprod_of, sampling_timesteps
+from .schedule import sampling_timesteps
 
 
 def jump_schedule(steps: int, jump_length: int = 10, jump_n_sample: int = 10) -> list[int]:
@@ -165,14 +166,14 @@ def inpaint(loaded: LoadedCheckpoint, image: str | Path, mask: str | Path, *, n_
                                   "timesteps")
     x0_known = load_image(Path(image), size, channels)[None].to(device)
     known = load_mask(mask, size).to(device)
-    alphas_cumprod = alphas_cumprod_of(cfg)
+    bridge = bridge_for(cfg.diffusion)  # the checkpoint's formulation, as a VP model
+    alphas_cumprod = bridge.alphas_cumprod
     generator = make_generator(device, seed)
     x_T = torch.randn((n_samples, channels, size, size), generator=generator, device=device)
     clip = cfg.sample.clip_x0 if clip_x0 is None else clip_x0
-    net = sampling_network(loaded.model, device, precision=cfg.sample.precision,
-                           compile=cfg.sample.compile)
-    denoise = make_denoiser(net, alphas_cumprod, prediction=cfg.diffusion.prediction,
-                            clip_x0=clip)
+    net = bridge.wrap(sampling_network(loaded.model, device, precision=cfg.sample.precision,
+                                       compile=cfg.sample.compile))
+    denoise = make_denoiser(net, alphas_cumprod, prediction=bridge.prediction, clip_x0=clip)
     try:  # RePaint walks DDPM's timesteps: the checkpoint's spacing, else ddpm's own
         timesteps = sampling_timesteps(T, steps, cfg.sample.spacing or default_spacing("ddpm"),
                                        alphas_cumprod)
@@ -209,17 +210,18 @@ def interpolate(loaded: LoadedCheckpoint, *, n_frames: int, seeds: tuple[int, in
     ends = [torch.randn(shape, generator=torch.Generator().manual_seed(s)) for s in seeds]
     x_T = slerp(ends[0], ends[1], torch.linspace(0, 1, n_frames)).to(device)
     generator = make_generator(device, seeds[0])
-    net = sampling_network(loaded.model, device, precision=cfg.sample.precision,
-                           compile=cfg.sample.compile)
-    alphas_cumprod = alphas_cumprod_of(cfg)
+    bridge = bridge_for(cfg.diffusion)  # the checkpoint's formulation, as a VP model
+    net = bridge.wrap(sampling_network(loaded.model, device, precision=cfg.sample.precision,
+                                       compile=cfg.sample.compile))
+    alphas_cumprod = bridge.alphas_cumprod
     spacing: str | Tensor | None = cfg.sample.spacing
     if spacing == "optimal":  # fitted to the model first, as ``generate`` does
-        denoise = make_denoiser(net, alphas_cumprod, prediction=cfg.diffusion.prediction,
+        denoise = make_denoiser(net, alphas_cumprod, prediction=bridge.prediction,
                                 clip_x0=cfg.sample.clip_x0)
         spacing = calibrated_timesteps(denoise, x_T, alphas_cumprod, steps, sampler=sampler,
                                        options=options)
     x0 = sample(net, x_T, alphas_cumprod, sampler=sampler, steps=steps, spacing=spacing,
-                prediction=cfg.diffusion.prediction, clip_x0=cfg.sample.clip_x0,
+                prediction=bridge.prediction, clip_x0=cfg.sample.clip_x0,
                 generator=generator, **(options or {}))
     return x0.float().cpu()
 

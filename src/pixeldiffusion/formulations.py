@@ -28,7 +28,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -37,7 +37,7 @@ from torch import Tensor
 
 from .diffusion import training_loss
 from .errors import did_you_mean
-from .schedule import alphas_cumprod_at, alphas_cumprod_from_betas, make_betas
+from .schedule import alphas_cumprod_at, alphas_cumprod_from_betas, make_betas, sigma_of
 
 if TYPE_CHECKING:
     from .config import DiffusionConfig
@@ -64,11 +64,6 @@ def _randn(shape: tuple[int, ...], like: Tensor, generator: torch.Generator | No
 def _abar_at(alphas_cumprod: Tensor, t: Tensor) -> Tensor:
     """abar at the sampler's timesteps t [N] (long or float), float64 [N] on the CPU."""
     return alphas_cumprod_at(alphas_cumprod, t.detach().double().cpu())
-
-
-def _edm_sigma_of(abar: Tensor) -> Tensor:
-    """EDM's sigma = sqrt((1 - abar) / abar) (Karras et al. 2022, Table 1, VP column)."""
-    return ((1 - abar) / abar).sqrt()
 
 
 # ---------------------------------------------------------------------------------------------
@@ -140,7 +135,7 @@ def edm_vp_model(net: Net, alphas_cumprod: Tensor, *, sigma_data: float = 0.5) -
     def model(x_t: Tensor, t: Tensor, y: Tensor | None = None) -> Tensor:
         abar = _abar_at(table, t)
         x = x_t / _per_sample(abar.sqrt(), x_t).to(x_t.device, x_t.dtype)
-        sigma = _edm_sigma_of(abar).to(x_t.device, x_t.dtype)
+        sigma = sigma_of(abar).to(x_t.device, x_t.dtype)
         return edm_denoise(net, x, sigma, sigma_data=sigma_data, y=y)
     return model
 
@@ -273,7 +268,7 @@ def flow_vp_model(net: Net, alphas_cumprod: Tensor, *, prediction: str = "v") ->
     table = alphas_cumprod.detach().double().cpu()
 
     def model(x_t: Tensor, t: Tensor, y: Tensor | None = None) -> Tensor:
-        t_flow = flow_t_of_sigma(_edm_sigma_of(_abar_at(table, t)))
+        t_flow = flow_t_of_sigma(sigma_of(_abar_at(table, t)))
         scale = ((1 - t_flow) ** 2 + t_flow**2).sqrt()
         x = x_t * _per_sample(scale, x_t).to(x_t.device, x_t.dtype)
         return flow_x0(net, x, t_flow.to(x_t.device, x_t.dtype), prediction=prediction, y=y)
@@ -293,10 +288,18 @@ class DDPMLoss:
     prediction: str = "eps"
     loss: str = "l2"
     min_snr_gamma: float = 0.0
+    _on_device: dict[torch.device, Tensor] = field(default_factory=dict, repr=False)
+
+    def _table_on(self, device: torch.device) -> Tensor:
+        """The float32 table on ``device``, copied there once: a host-to-device copy every
+        step would cost the training loop a host sync."""
+        if device not in self._on_device:
+            self._on_device[device] = self.alphas_cumprod.float().to(device)
+        return self._on_device[device]
 
     def __call__(self, net: Net, x0: Tensor, *, generator: torch.Generator | None = None,
                  y: Tensor | None = None) -> Tensor:
-        table = self.alphas_cumprod.float().to(x0.device)
+        table = self._table_on(x0.device)
         model_kwargs = {} if y is None else {"y": y}
         return training_loss(net, x0, table, prediction=self.prediction, loss=self.loss,
                              min_snr_gamma=self.min_snr_gamma, generator=generator,
@@ -324,38 +327,53 @@ class VPBridge:
     wrap: Callable[[Net], VPModel]
 
 
-def _ddpm(d: DiffusionConfig) -> tuple[LossFn, VPBridge]:
-    table = ddpm_alphas_cumprod(d)
+_TABLES: dict[str, Callable[[DiffusionConfig], Tensor]] = {
+    "ddpm": ddpm_alphas_cumprod,
+    "edm": lambda d: edm_alphas_cumprod(d.timesteps, d.sigma_min, d.sigma_max),
+    "flow": lambda d: flow_alphas_cumprod(d.timesteps, d.sigma_min, d.sigma_max, d.shift),
+}
+
+
+def _ddpm(d: DiffusionConfig, table: Tensor) -> tuple[LossFn, VPBridge]:
     loss = DDPMLoss(table, prediction=d.prediction, loss=d.loss, min_snr_gamma=d.min_snr_gamma)
     return loss, VPBridge(table, d.prediction, lambda net: net)
 
 
-def _edm(d: DiffusionConfig) -> tuple[LossFn, VPBridge]:
-    table = edm_alphas_cumprod(d.timesteps, d.sigma_min, d.sigma_max)
+def _edm(d: DiffusionConfig, table: Tensor) -> tuple[LossFn, VPBridge]:
     loss = EDMLoss(sigma_data=d.sigma_data, p_mean=d.p_mean, p_std=d.p_std)
     return loss, VPBridge(table, "x0",
                           lambda net: edm_vp_model(net, table, sigma_data=d.sigma_data))
 
 
-def _flow(d: DiffusionConfig) -> tuple[LossFn, VPBridge]:
-    table = flow_alphas_cumprod(d.timesteps, d.sigma_min, d.sigma_max, d.shift)
+def _flow(d: DiffusionConfig, table: Tensor) -> tuple[LossFn, VPBridge]:
     loss = FlowLoss(prediction=d.prediction, t_mean=d.t_mean, t_std=d.t_std, shift=d.shift,
                     ot=d.ot)
     return loss, VPBridge(table, "x0",
                           lambda net: flow_vp_model(net, table, prediction=d.prediction))
 
 
-_BUILDERS: dict[str, Callable[[DiffusionConfig], tuple[LossFn, VPBridge]]] = {
+_BUILDERS: dict[str, Callable[[DiffusionConfig, Tensor], tuple[LossFn, VPBridge]]] = {
     "ddpm": _ddpm, "edm": _edm, "flow": _flow}
 FORMULATIONS = tuple(_BUILDERS)  # config.FORMULATIONS (a test keeps them equal)
 
 
-def _build(d: DiffusionConfig) -> tuple[LossFn, VPBridge]:
+def _check(d: DiffusionConfig) -> None:
     if d.formulation not in _BUILDERS:
         raise ValueError(f"unknown formulation '{d.formulation}'; "
                          f"{did_you_mean(d.formulation, FORMULATIONS)}use one of "
                          f"{', '.join(FORMULATIONS)}")
-    return _BUILDERS[d.formulation](d)
+
+
+def alphas_cumprod_for(d: DiffusionConfig) -> Tensor:
+    """The configured formulation's noise levels as a VP table: float64 [T] on the CPU
+    (``schedule.alphas_cumprod_of`` of a whole config is this)."""
+    _check(d)
+    return _TABLES[d.formulation](d)
+
+
+def _build(d: DiffusionConfig) -> tuple[LossFn, VPBridge]:
+    table = alphas_cumprod_for(d)  # checks the name first
+    return _BUILDERS[d.formulation](d, table)
 
 
 def loss_for(d: DiffusionConfig) -> LossFn:

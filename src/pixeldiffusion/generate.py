@@ -16,12 +16,13 @@ from .config import Config, SampleConfig, from_dict
 from .device import conv_width, make_generator, resolve_precision, use_fast_kernels
 from .errors import PixelDiffusionError
 from .files import atomic_write
+from .formulations import VPBridge, bridge_for
 from .guidance import guided_model, sampling_labels
 from .images import atomic_save, make_grid, save_gif, to_pil, to_uint8
 from .optimal_steps import calibrated_timesteps
 from .optimal_steps import check_steps as check_optimal_steps
 from .samplers import check_sampler, default_spacing, make_denoiser, option_names, sample
-from .schedule import alphas_cumprod_of, sampling_timesteps
+from .schedule import sampling_timesteps
 
 MODES = ("sample", "denoise", "progressive")
 AUTOCAST_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
@@ -84,7 +85,9 @@ def generate(model: torch.nn.Module, cfg: Config, device: torch.device, *,
     (default: about 10 frames), ending with the final image, through the sampler's callback.
 
     The model runs on ``sampling_network``'s fast path (channels-last, ``cfg.sample.precision``,
-    ``cfg.sample.compile``) under ``torch.inference_mode``.
+    ``cfg.sample.compile``) under ``torch.inference_mode``, through its formulation's bridge
+    (``formulations.bridge_for(cfg.diffusion)``: the identity for DDPM; EDM's preconditioning or
+    flow's velocity as an x0 model for the others), over the bridge's VP table.
 
     Class-conditional models: ``class_label`` (an index, a name such as "cat", "all" for
     ``nrow`` images of each class in class order, or "random") and the classifier-free guidance
@@ -100,7 +103,8 @@ def generate(model: torch.nn.Module, cfg: Config, device: torch.device, *,
     s = cfg.sample
     micro_batch = micro_batch or s.batch_size
     interval = interval or max(1, s.steps // 10)
-    alphas_cumprod = alphas_cumprod_of(cfg)
+    bridge = bridge_for(cfg.diffusion)
+    alphas_cumprod = bridge.alphas_cumprod
     generator = make_generator(device, s.seed)
     spacing = s.spacing or default_spacing(s.sampler)
     optimal = spacing == "optimal"  # fitted to this model below, once, before the first batch
@@ -114,7 +118,7 @@ def generate(model: torch.nn.Module, cfg: Config, device: torch.device, *,
         raise PixelDiffusionError(str(err)) from None
     options = sampler_options(s)
     shape = (cfg.data.channels, cfg.data.image_size, cfg.data.image_size)
-    fast = sampling_network(model, device, precision=s.precision, compile=s.compile)
+    fast = bridge.wrap(sampling_network(model, device, precision=s.precision, compile=s.compile))
     labels, w = sampling_labels(cfg, guidance, class_label)
     n_samples = s.n_samples if labels is None else len(labels)
     images, frames = [], []
@@ -135,10 +139,10 @@ def generate(model: torch.nn.Module, cfg: Config, device: torch.device, *,
             fast, labels[start:start + len(x_T)], w, alphas_cumprod=alphas_cumprod,
             interval=s.guidance_interval, null_class=cfg.model.num_classes)
         if optimal and timesteps is None:
-            timesteps = _fit_optimal(fast, cfg, x_T, labels, w, alphas_cumprod)
+            timesteps = _fit_optimal(fast, cfg, x_T, labels, w, bridge)
         x0 = sample(net, x_T, alphas_cumprod, sampler=s.sampler, steps=s.steps,
                     spacing=spacing if timesteps is None else timesteps,
-                    prediction=cfg.diffusion.prediction,
+                    prediction=bridge.prediction,
                     clip_x0=s.clip_x0, dynamic_threshold=s.dynamic_threshold, generator=generator,
                     callback=record if mode != "sample" or callback else None,
                     **options).float().cpu()
@@ -149,17 +153,17 @@ def generate(model: torch.nn.Module, cfg: Config, device: torch.device, *,
 
 
 def _fit_optimal(model: Callable[..., Tensor], cfg: Config, x_T: Tensor, labels: Tensor | None,
-                 w: float, alphas_cumprod: Tensor) -> Tensor:
-    """The "optimal" timesteps of ``model`` as it samples here (same guidance and clipping),
-    fitted on min(32, n_samples) calibration noise images drawn with seed + 1, so not the
-    images' own noise (optimal_steps.calibrated_timesteps)."""
-    s = cfg.sample
+                 w: float, bridge: VPBridge) -> Tensor:
+    """The "optimal" timesteps of ``model`` (already bridged: ``bridge.wrap``) as it samples here
+    (same guidance and clipping), fitted on min(32, n_samples) calibration noise images drawn
+    with seed + 1, so not the images' own noise (optimal_steps.calibrated_timesteps)."""
+    s, alphas_cumprod = cfg.sample, bridge.alphas_cumprod
     n = min(32, s.n_samples)
     net = model if labels is None else guided_model(
         model, labels[torch.arange(n, device=labels.device) % len(labels)], w,
         alphas_cumprod=alphas_cumprod, interval=s.guidance_interval,
         null_class=cfg.model.num_classes)
-    denoise = make_denoiser(net, alphas_cumprod, prediction=cfg.diffusion.prediction,
+    denoise = make_denoiser(net, alphas_cumprod, prediction=bridge.prediction,
                             clip_x0=s.clip_x0, dynamic_threshold=s.dynamic_threshold)
     return calibrated_timesteps(denoise, x_T, alphas_cumprod, s.steps, sampler=s.sampler,
                                 options=sampler_options(s), samples=n, seed=s.seed + 1)

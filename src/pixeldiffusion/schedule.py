@@ -67,10 +67,12 @@ def alphas_cumprod_from_betas(betas: Tensor) -> Tensor:
 
 
 def alphas_cumprod_of(cfg: Config) -> Tensor:
-    """The training schedule abar_t of a config: float64 [T] on the CPU."""
-    d = cfg.diffusion
-    return alphas_cumprod_from_betas(make_betas(d.beta_schedule, d.timesteps, d.beta_start,
-                                                d.beta_end))
+    """The noise levels abar_t a config's model samples over: float64 [T] on the CPU. For DDPM
+    its beta schedule; for EDM and flow matching their VP table (``formulations.bridge_for``;
+    their networks are sampled through ``bridge_for(cfg.diffusion).wrap``)."""
+    from .formulations import alphas_cumprod_for  # formulations builds on this module
+
+    return alphas_cumprod_for(cfg.diffusion)
 
 
 def sigma_of(abar: float | Tensor) -> float | Tensor:

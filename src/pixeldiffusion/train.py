@@ -5,7 +5,8 @@ Read it top to bottom from ``train``: ``build_run`` makes everything a run needs
 ``TrainState``), ``restore`` puts a checkpoint back into it, and ``_loop`` calls ``train_step``
 until ``train.steps``, running the periodic work it is given as ``Hook``s (the loss line, the
 checkpoint; sample grids and the quality score come from ``run.py``, so training does not depend
-on the sampling or metric code). The loss is a callable the loop is handed too (``ddpm_loss``).
+on the sampling or metric code). The loss is a callable the loop is handed too: the configured
+formulation's (``formulations.loss_for``: DDPM, EDM or flow matching).
 
 Devices, mixed precision and multi-process training go through Hugging Face ``accelerate``; data
 sharding is done by ``EpochBatchSampler`` itself so that the step number is the data position.
@@ -21,7 +22,6 @@ import time
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field, replace
-from functools import partial
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -42,11 +42,10 @@ from .checkpoint import (
 from .config import Config, save_config
 from .data import ImageDataset, load_dataset, make_loader, random_hflip
 from .device import make_generator, resolve_device, resolve_precision, use_fast_kernels
-from .diffusion import training_loss
 from .errors import CheckpointError, ConfigError, PixelDiffusionError
+from .formulations import loss_for
 from .guidance import drop_labels
 from .loggers import NullLogger, ScalarLogger, check_logger, make_logger
-from .schedule import alphas_cumprod_of
 from .unet import build_unet, count_parameters
 
 # devices with a fused AdamW kernel; it skips a NaN/Inf step on the device (see NonFiniteSteps)
@@ -219,14 +218,6 @@ def lr_factor(step: int, warmup_steps: int, schedule: str = "constant",
     return 0.5 * (1.0 + math.cos(math.pi * progress))
 
 
-def ddpm_loss(cfg: Config, device: torch.device) -> LossFn:
-    """DDPM's loss (``diffusion.training_loss``) for this config's schedule, prediction target,
-    L1/L2 and min-SNR weighting, as a ``LossFn``."""
-    return partial(training_loss, alphas_cumprod=alphas_cumprod_of(cfg).float().to(device),
-                   prediction=cfg.diffusion.prediction, loss=cfg.diffusion.loss,
-                   min_snr_gamma=cfg.diffusion.min_snr_gamma)
-
-
 # --------------------------------------------------------------------------- the run
 
 
@@ -289,7 +280,7 @@ def train(cfg: Config, run_dir: str | Path | None = None, *, resume: str | None 
     The loop itself logs the loss and writes checkpoints; ``hooks`` add periodic work
     (``run.default_hooks(cfg)``: sample grids and the quality score, which ``pixeldiffusion
     train`` and ``pd.train``, i.e. ``run.train``, add). ``loss_fn`` defaults to
-    ``ddpm_loss(cfg)``. The main process
+    ``formulations.loss_for(cfg.diffusion)``. The main process
     holds ``run_dir/train.lock`` throughout, so a second run pointed at the same directory is
     refused while this one lives (see ``checkpoint.run_lock``).
     """
@@ -423,7 +414,7 @@ def build_run(cfg: Config, run_dir: Path, accelerator, log: Callable[[str], None
         # the compiled wrapper shares model's parameters; saving and the EMA use model itself
         net=torch.compile(model) if tc.compile else model, ema=ema, optimizer=optimizer,
         scheduler=scheduler, generator=make_generator(device, tc.seed + accelerator.process_index),
-        batches=iter(loader), loss_fn=loss_fn or ddpm_loss(cfg, device),
+        batches=iter(loader), loss_fn=loss_fn or loss_for(cfg.diffusion),
         nonfinite=NonFiniteSteps(device, tc.nan_patience), losses=LossMeter(device), log=log,
         step=start)
 
