@@ -96,7 +96,9 @@ def test_quick_start_is_what_ci_runs():
              if "pixeldiffusion train" in block and "pytest" in block]
     assert len(quick) == 1
     setup_and_train, setup_and_test = quick[0].splitlines()
-    assert setup_and_train.endswith(".venv/bin/pixeldiffusion train")
+    train_args = setup_and_train.split(".venv/bin/pixeldiffusion train")[-1].split()
+    assert train_args == ["-c", "configs/digits.yaml"]  # the quick-start recipe, a shipped file
+    assert load_config(REPO / train_args[1]).data.dataset == "digits"  # the built-in data
     assert quick[0] in code_blocks((REPO / "docs" / "index.md").read_text(), "bash")
     ci_lines = (REPO / ".ci" / "run").read_text().strip().splitlines()
     assert ci_lines[-1] == setup_and_test

@@ -15,7 +15,7 @@ EXPECTED = {
     "sample": "samplers", "SAMPLERS": "samplers", "make_denoiser": "samplers",
     "load_checkpoint": "checkpoint", "load_config": "config", "Config": "config",
     "train": "run", "alphas_cumprod_of": "schedule", "generate": "generate",
-    "UNet": "unet", "build_unet": "unet",
+    "UNet": "unet", "build_unet": "unet", "bridge_for": "formulations",
 }
 OPTIONAL = ("fastapi", "uvicorn", "diffusers", "torch_fidelity", "matplotlib")
 

@@ -1,8 +1,10 @@
-"""pixeldiffusion: pixel-space denoising diffusion models (DDPM, DDIM) in PyTorch.
+"""pixeldiffusion: pixel-space diffusion models (DDPM, EDM, flow matching) in PyTorch.
 
     import pixeldiffusion as pd
     ckpt = pd.load_checkpoint("runs/exp-...")
-    x0 = pd.sample(ckpt.model, torch.randn(16, 1, 32, 32), pd.alphas_cumprod_of(ckpt.config))
+    bridge = pd.bridge_for(ckpt.config.diffusion)   # the formulation's table and denoiser
+    x0 = pd.sample(bridge.wrap(ckpt.model), torch.randn(16, 1, 32, 32), bridge.alphas_cumprod,
+                   prediction=bridge.prediction, sampler="unipc", steps=10)
 """
 
 from __future__ import annotations
@@ -19,7 +21,7 @@ _EXPORTS = {
     "sample": "samplers", "SAMPLERS": "samplers", "make_denoiser": "samplers",
     "load_checkpoint": "checkpoint", "load_config": "config", "Config": "config",
     "train": "run", "alphas_cumprod_of": "schedule", "generate": "generate",
-    "UNet": "unet", "build_unet": "unet",
+    "UNet": "unet", "build_unet": "unet", "bridge_for": "formulations",
 }
 __all__ = ["__version__", *_EXPORTS]
 
