@@ -61,6 +61,7 @@ def _parser() -> argparse.ArgumentParser:
     _add_inpaint(commands)
     _add_interpolate(commands)
     _add_convert(commands)
+    _add_ema(commands)
     _add_serve(commands)
     return parser
 
@@ -324,6 +325,42 @@ def _convert(args: argparse.Namespace, overrides: list[str]) -> int:
     return 0
 
 
+EMA_HELP = """examples:
+  pixeldiffusion train --train.posthoc_ema_every 500 -e runs/digits    # record snapshots
+  pixeldiffusion ema runs/digits --sigma_rel 0.07 -o ema-0.07.safetensors
+  pixeldiffusion sample -cp ema-0.07.safetensors
+  pixeldiffusion eval -cp runs/digits --sweep sigma_rel=0.03,0.05,0.1   # pick the best length
+"""
+
+
+def _add_ema(commands: argparse._SubParsersAction) -> None:
+    p = commands.add_parser(
+        "ema", help="post-hoc EMA: rebuild an EMA of any length from a run's snapshots",
+        description="Rebuild the power-function EMA of relative width --sigma_rel (EDM2, Karras "
+                    "et al. 2024, Sec. 3) from the snapshots a run recorded with "
+                    "train.posthoc_ema_every, and write it as a checkpoint that sample, eval, "
+                    "serve and convert take.", epilog=EMA_HELP,
+        formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("run_dir", metavar="RUN", help="run directory with ema_snapshots/")
+    p.add_argument("--sigma_rel", type=float, required=True,
+                   help="EMA length relative to training time, in (0, 0.2887] (e.g. 0.05)")
+    p.add_argument("--step", type=_positive, metavar="N",
+                   help="use the snapshots up to step N (default: all); the EMA is the one at "
+                        "the last of them")
+    p.add_argument("-o", "--out", required=True, metavar="OUT.safetensors",
+                   help="checkpoint file to write")
+    p.set_defaults(run=_ema)
+
+
+def _ema(args: argparse.Namespace, overrides: list[str]) -> int:
+    from .ema_snapshots import describe, reconstruct_run, save_reconstruction
+
+    rebuilt = reconstruct_run(args.run_dir, args.sigma_rel, args.step)
+    print(describe(rebuilt), file=sys.stderr)
+    print(save_reconstruction(rebuilt, args.out))
+    return 0
+
+
 EVAL_HELP = """examples:
   pixeldiffusion eval -cp runs/digits                         # 1,000 samples, digit-FID
   pixeldiffusion eval -cp runs/digits --sweep sampler=ddim,dpmpp_2m nfe=10,20,50 --plot nfe.png
@@ -359,7 +396,9 @@ def _add_eval(commands: argparse._SubParsersAction) -> None:
                    help="conditional models: class index or name, 'all' or 'random'")
     e.add_argument("--sweep", nargs="+", metavar="KEY=V1,V2",
                    help="evaluate every combination, e.g. sampler=ddpm,ddim steps=10,20,50 "
-                        "(sampler=all: every sampler; nfe=10,20 picks steps per sampler)")
+                        "(sampler=all: every sampler; nfe=10,20 picks steps per sampler; "
+                        "sigma_rel=0.03,0.05,0.1: post-hoc EMA lengths rebuilt from the run's "
+                        "snapshots, see pixeldiffusion ema)")
     e.add_argument("--seed", type=int, help="sampling seed (default: the checkpoint's)")
     e.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N | mps")
     e.add_argument("--load_ema", type=_bool, default=True, help="EMA weights (default true)")

@@ -128,9 +128,9 @@ class SnapshotRecorder:
     def load_state_dict(self, saved: dict[str, Any] | None) -> None:
         """The averages of the checkpoint resumed from (None: it has none, which is refused)."""
         if saved is None:
-            raise ConfigError(f"the checkpoint at step {self.state.step} has no post-hoc EMA state, "
-                              f"and its averages must start at step 0; continue this run with "
-                              f"--train.posthoc_ema_every 0, or start a new run with it on")
+            raise ConfigError(f"the checkpoint at step {self.state.step} has no post-hoc EMA "
+                              f"state, and its averages must start at step 0; continue this run "
+                              f"with --train.posthoc_ema_every 0, or start a new run with it on")
         try:
             self.tracker.load_state_dict(saved)
         except ValueError as err:

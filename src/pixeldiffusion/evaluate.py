@@ -182,19 +182,25 @@ def parse_sweep(items: Sequence[str]) -> list[dict[str, str]]:
             itertools.product(*(values for _, values in axes))]
 
 
+# sweep keys that are not sampling options: a model-call budget (steps per sampler) and the
+# post-hoc EMA length (weights rebuilt from the run's snapshots, ema_snapshots.py)
+SWEEP_KEYS = ("nfe", "sigma_rel")
+
+
 def sweep_config(base: Any, point: dict[str, str]) -> Any:
     """The Config ``base`` with a sweep point's sampling values, each read and checked by the
     config's own rules for ``--sample.KEY value`` (so ``clip_x0=false`` is the bool False and a
-    bad value gets the config's message). ``nfe`` is left to the caller."""
+    bad value gets the config's message). ``nfe`` and ``sigma_rel`` are left to the caller."""
     from .config import apply_overrides
 
     names = [f.name for f in dataclasses.fields(base.sample)]
     for key in point:
-        if key != "nfe" and key not in names:
+        if key not in SWEEP_KEYS and key not in names:
             raise PixelDiffusionError(f"--sweep key '{key}' is not a sampling option; "
-                                      f"{did_you_mean(key, [*names, 'nfe'])}use nfe or one of "
-                                      f"{', '.join(names)}")
-    return apply_overrides(base, [(f"sample.{k}", v) for k, v in point.items() if k != "nfe"])
+                                      f"{did_you_mean(key, [*names, *SWEEP_KEYS])}use "
+                                      f"{', '.join(SWEEP_KEYS)} or one of {', '.join(names)}")
+    return apply_overrides(base, [(f"sample.{k}", v) for k, v in point.items()
+                                  if k not in SWEEP_KEYS])
 
 
 def _nfe_budget(text: str) -> int:
@@ -203,6 +209,45 @@ def _nfe_budget(text: str) -> int:
         raise PixelDiffusionError(f"--sweep nfe={text}: the model-call budget must be a positive "
                                   f"integer, e.g. nfe=10,20,50")
     return int(text)
+
+
+def _sigma_rel(text: str) -> float:
+    """The value of ``sigma_rel=`` in a sweep: a relative EMA width in range."""
+    from .ema_snapshots import check_sigma_rel
+
+    try:
+        value = float(text)
+    except ValueError:
+        raise PixelDiffusionError(f"--sweep sigma_rel={text}: the EMA length must be a number, "
+                                  f"e.g. sigma_rel=0.03,0.05,0.1") from None
+    return check_sigma_rel(value)
+
+
+class PostHocWeights:
+    """Puts the post-hoc EMA of a sweep point's ``sigma_rel`` into a loaded checkpoint's model:
+    rebuilt from its run's snapshots up to the checkpoint's step (``ema_snapshots``). Every
+    value is checked on creation, before any sampling."""
+
+    def __init__(self, loaded: Any, values: Sequence[str]) -> None:
+        from .ema_snapshots import list_snapshots, plan_reconstruction, run_dir_of
+
+        self.loaded, self.current = loaded, None
+        self.run_dir = run_dir_of(Path(loaded.path))
+        if self.run_dir is None:
+            raise PixelDiffusionError(f"--sweep sigma_rel needs a run recorded with "
+                                      f"train.posthoc_ema_every, but '{loaded.path}' has no "
+                                      f"ema_snapshots/ beside it; pass -cp RUN_DIR")
+        snapshots = list_snapshots(self.run_dir)
+        for text in values:
+            plan_reconstruction(snapshots, _sigma_rel(text), loaded.step)
+
+    def load(self, text: str) -> None:
+        from .ema_snapshots import reconstruct_run
+
+        if text != self.current:
+            rebuilt = reconstruct_run(self.run_dir, float(text), self.loaded.step)
+            self.loaded.model.load_state_dict(rebuilt.state)
+            self.current = text
 
 
 def check_sampler(name: str) -> None:
@@ -259,6 +304,8 @@ def run_sweep(loaded: Any, points: list[dict[str, str]], reference: Reference,
     from .samplers import nfe_of
 
     plans = plan_sweep(loaded.config, points, n_samples=n_samples, seed=seed)
+    posthoc = PostHocWeights(loaded, [p["sigma_rel"] for p in points]) \
+        if any("sigma_rel" in p for p in points) else None
     batches = -(-n_samples // micro_batch)
     total = sum(nfe_of(c.sample.sampler, c.sample.steps) for _, c in plans)
     rows = []
@@ -267,6 +314,8 @@ def run_sweep(loaded: Any, points: list[dict[str, str]], reference: Reference,
         for point, cfg in plans:
             bar.set_postfix_str(f"{cfg.sample.sampler} {cfg.sample.steps} steps")
             start = time.perf_counter()
+            if posthoc is not None:
+                posthoc.load(point["sigma_rel"])
             images, nfe = sample_images(loaded, cfg, device, micro_batch=micro_batch,
                                         on_call=lambda: bar.update(1))
             results, provenance = score(images, reference, extractor)

@@ -178,7 +178,8 @@ class PostHocEMA:
 
 
 def _same_profiles(a: Sequence[float], b: Sequence[float]) -> bool:
-    return len(a) == len(b) and all(math.isclose(x, y, rel_tol=1e-9) for x, y in zip(a, b))
+    return len(a) == len(b) and all(math.isclose(x, y, rel_tol=1e-9)
+                                    for x, y in zip(a, b, strict=False))
 
 
 def fit_error(steps: Sequence[int], gammas: Sequence[float], step: int, gamma: float) -> float:
