@@ -18,6 +18,8 @@ SAMPLE_HELP = """examples:
   pixeldiffusion sample -cp runs/exp-XXX --sampler ddpm --steps 1000 --var_type fixed_large
   pixeldiffusion sample -cp ckpt.safetensors --mode progressive -bs 8 --interval 10
   pixeldiffusion sample -cp runs/cond --class 7 --guidance 3    # class-conditional models
+  pixeldiffusion sample -cp runs/exp-XXX --guidance_model runs/exp-XXX/checkpoints/step-0000400 \
+      --guidance 2                                            # autoguidance by an earlier ckpt
 """
 
 TRAIN_HELP = """Any config key can be overridden as --section.key value, e.g.
@@ -122,7 +124,9 @@ def _add_sample(commands: argparse._SubParsersAction) -> None:
                         "row of --nrow images per class) or 'random'")
     s.add_argument("--guidance", type=float, metavar="W",
                    help="classifier-free guidance weight: 0 unconditional, 1 conditional, "
-                        ">1 guided (default: the checkpoint's sample.guidance)")
+                        ">1 guided (default: the checkpoint's sample.guidance); with "
+                        "--guidance_model the autoguidance weight")
+    _add_guidance_model(s)
     s.add_argument("--precision", choices=("auto", "fp32", "bf16", "fp16"),
                    help="autocast dtype of the model calls (default: the checkpoint's, auto = "
                         "bf16 where the device runs it natively and the model is wide enough, "
@@ -131,6 +135,14 @@ def _add_sample(commands: argparse._SubParsersAction) -> None:
                    help="torch.compile the UNet first (on CUDA: CUDA graphs); pays for many "
                         "images")
     s.set_defaults(run=_sample)
+
+
+def _add_guidance_model(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--guidance_model", metavar="CKPT",
+                        help="autoguidance (Karras et al. 2024): guide with this worse version "
+                             "of the model (an earlier checkpoint, a shorter EMA, a smaller "
+                             "model of the same data and formulation) at weight --guidance; "
+                             "unconditional models too")
 
 
 def _train(args: argparse.Namespace, overrides: list[str]) -> int:
@@ -163,16 +175,20 @@ def _sample(args: argparse.Namespace, overrides: list[str]) -> int:
     from .checkpoint import load_checkpoint
     from .device import conv_width, resolve_device, resolve_precision
     from .generate import generate, save_outputs, spacing_text, with_sample_options
+    from .guidance import load_guidance_model
 
     device = resolve_device(args.device)
     loaded = load_checkpoint(args.checkpoint, use_ema=args.load_ema, device=device)
     cfg = with_sample_options(loaded.config, **{key: getattr(args, key) for key in SAMPLE_KEYS})
+    guide = None if args.guidance_model is None else load_guidance_model(
+        args.guidance_model, loaded.config, device=device, use_ema=args.load_ema)
     mode = "sample" if args.result_only else args.mode
     # a GIF needs the chain: x_t, or the predicted x0 with --mode progressive
     chain = ("progressive" if mode == "progressive" else "denoise") if args.gif else mode
     generated = generate(loaded.model, cfg, device, mode=chain, micro_batch=args.micro_batch,
                          interval=args.interval or (1 if args.gif else None),
-                         guidance=args.guidance, class_label=args.class_label)
+                         guidance=args.guidance, class_label=args.class_label,
+                         guidance_model=guide)
     if generated.timesteps is not None:
         print(f"optimal timesteps (fitted to this checkpoint; pass them to skip the fit next "
               f"time): --spacing {spacing_text(generated.timesteps)}", file=sys.stderr)
@@ -391,7 +407,9 @@ def _add_eval(commands: argparse._SubParsersAction) -> None:
     e.add_argument("--micro_batch", type=_positive, default=250, help="images per model call")
     e.add_argument("--sampler", help="sampler (default: the checkpoint's)")
     e.add_argument("--steps", type=_positive, help="sampling steps (default: the checkpoint's)")
-    e.add_argument("--guidance", type=float, help="classifier-free guidance weight")
+    e.add_argument("--guidance", type=float, help="classifier-free guidance weight (with "
+                   "--guidance_model: the autoguidance weight)")
+    _add_guidance_model(e)
     e.add_argument("--class", dest="class_label", metavar="CLASS",
                    help="conditional models: class index or name, 'all' or 'random'")
     e.add_argument("--sweep", nargs="+", metavar="KEY=V1,V2",
@@ -481,6 +499,7 @@ def _eval_options(args: argparse.Namespace, extra: list[str]) -> EvalOptions:
         extractor=args.extractor, inception_weights=args.inception_weights,
         n_samples=args.n_samples, micro_batch=args.micro_batch, sampler=args.sampler,
         steps=args.steps, guidance=args.guidance, class_label=args.class_label,
+        guidance_model=Path(args.guidance_model) if args.guidance_model else None,
         sample_options=sample_options, sweep=list(args.sweep or []), seed=args.seed,
         device=args.device, use_ema=args.load_ema, out_dir=Path(args.out),
         plot=Path(args.plot) if args.plot else None,

@@ -281,25 +281,32 @@ def plan_sweep(base: Any, points: list[dict[str, str]], *, n_samples: int,
 
 
 def sample_images(loaded: Any, cfg: Any, device: torch.device, *, micro_batch: int,
-                  on_call: Callable[[], None] | None = None) -> tuple[Images, int]:
-    """Draw ``cfg.sample.n_samples`` images from a loaded checkpoint; returns them and the NFE
-    per image (model calls per micro batch)."""
+                  on_call: Callable[[], None] | None = None,
+                  guidance_model: nn.Module | None = None) -> tuple[Images, int]:
+    """Draw ``cfg.sample.n_samples`` images from a loaded checkpoint (autoguided by
+    ``guidance_model`` when given); returns them and the NFE per image (model calls per micro
+    batch, the guidance model's included)."""
     from .generate import generate
 
     counter = CountingModel(loaded.model, on_call)
-    generated = generate(counter, cfg, device, micro_batch=micro_batch)
+    guide = None if guidance_model is None else CountingModel(guidance_model)
+    generated = generate(counter, cfg, device, micro_batch=micro_batch, guidance_model=guide)
     batches = -(-len(generated.images) // micro_batch)
     labels = getattr(generated, "labels", None)
+    calls = counter.calls + (guide.calls if guide is not None else 0)
     return (Images(generated.images, None if labels is None else labels.cpu(), str(loaded.path)),
-            counter.calls // max(batches, 1))
+            calls // max(batches, 1))
 
 
 def run_sweep(loaded: Any, points: list[dict[str, str]], reference: Reference,
               extractor: Extractor, device: torch.device, *, n_samples: int,
               micro_batch: int = 250, seed: int | None = None, progress: bool = True,
-              grid_dir: Path | None = None) -> list[Row]:
+              grid_dir: Path | None = None,
+              guidance_model: nn.Module | None = None) -> list[Row]:
     """Sample and score every sweep point of a checkpoint, with one progress bar (in model calls)
-    over the whole sweep; with ``grid_dir``, also save a grid of each point's first 64 images."""
+    over the whole sweep; with ``grid_dir``, also save a grid of each point's first 64 images.
+    A ``sigma_rel`` key loads that post-hoc EMA length first (``PostHocWeights``);
+    ``guidance_model`` autoguides every point."""
     from .images import save_grid
     from .samplers import nfe_of
 
@@ -317,7 +324,8 @@ def run_sweep(loaded: Any, points: list[dict[str, str]], reference: Reference,
             if posthoc is not None:
                 posthoc.load(point["sigma_rel"])
             images, nfe = sample_images(loaded, cfg, device, micro_batch=micro_batch,
-                                        on_call=lambda: bar.update(1))
+                                        on_call=lambda: bar.update(1),
+                                        guidance_model=guidance_model)
             results, provenance = score(images, reference, extractor)
             setting = {"sampler": cfg.sample.sampler, "steps": cfg.sample.steps,
                        **{k: v for k, v in point.items() if k not in ("sampler", "steps", "nfe")}}
@@ -420,7 +428,8 @@ class EvalOptions:
     when it does not look like one. ``ref`` is a reference for ``reference_features`` (None: the
     checkpoint's data set, else digits). ``sampler``, ``steps``, ``guidance``, ``class_label``
     and ``sample_options`` (sampling config keys without ``sample.``, to text read like
-    ``--sample.KEY value``) change the checkpoint's sampling; ``sweep`` items are ``KEY=V1,V2``.
+    ``--sample.KEY value``) change the checkpoint's sampling; ``guidance_model`` is a checkpoint
+    that autoguides it (guidance.py); ``sweep`` items are ``KEY=V1,V2``.
     """
 
     source: Path
@@ -434,6 +443,7 @@ class EvalOptions:
     steps: int | None = None
     guidance: float | None = None
     class_label: str | None = None
+    guidance_model: Path | None = None
     sample_options: dict[str, str] = field(default_factory=dict)
     sweep: list[str] = field(default_factory=list)
     seed: int | None = None
@@ -451,6 +461,7 @@ class EvalOptions:
         against NFE), named as on the command line."""
         given = {"--sampler": self.sampler is not None, "--steps": self.steps is not None,
                  "--guidance": self.guidance is not None, "--class": self.class_label is not None,
+                 "--guidance_model": self.guidance_model is not None,
                  "--sample.KEY": bool(self.sample_options), "--sweep": bool(self.sweep),
                  "--plot": self.plot is not None}
         return [name for name, on in given.items() if on]
@@ -530,9 +541,16 @@ def run_eval(options: EvalOptions) -> EvalReport:
     stats_file = save_stats(reference, options.save_stats) if options.save_stats else None
     if loaded is not None:
         points = parse_sweep(options.sweep) if options.sweep else [{}]
+        guide = None
+        if options.guidance_model is not None:
+            from .guidance import load_guidance_model
+
+            guide = load_guidance_model(options.guidance_model, loaded.config, device=device,
+                                        use_ema=options.use_ema)
         rows = run_sweep(loaded, points, reference, extractor, device,
                          n_samples=options.n_samples, micro_batch=options.micro_batch,
-                         seed=options.seed, progress=options.progress, grid_dir=options.out_dir)
+                         seed=options.seed, progress=options.progress, grid_dir=options.out_dir,
+                         guidance_model=guide)
     else:
         start = time.perf_counter()
         results, provenance = score(images, reference, extractor)

@@ -16,7 +16,7 @@ from .config import Config, SampleConfig, from_dict
 from .device import conv_width, make_generator, resolve_precision, use_fast_kernels
 from .errors import PixelDiffusionError
 from .files import atomic_write
-from .guidance import guided_model, sampling_labels
+from .guidance import guided_network, sampling_labels
 from .images import atomic_save, make_grid, save_gif, to_pil, to_uint8
 from .optimal_steps import calibrated_timesteps
 from .optimal_steps import check_steps as check_optimal_steps
@@ -77,7 +77,8 @@ def generate(model: torch.nn.Module, cfg: Config, device: torch.device, *,
              mode: str = "sample", micro_batch: int | None = None,
              interval: int | None = None, guidance: float | None = None,
              class_label: str | int | None = None,
-             callback: Callable[[dict[str, Any]], None] | None = None) -> Generated:
+             callback: Callable[[dict[str, Any]], None] | None = None,
+             guidance_model: torch.nn.Module | None = None) -> Generated:
     """Sample ``cfg.sample.n_samples`` images with ``cfg.sample``'s sampler and seed.
 
     mode "denoise" records x_t and "progressive" the predicted x0 every ``interval`` steps
@@ -90,6 +91,10 @@ def generate(model: torch.nn.Module, cfg: Config, device: torch.device, *,
     ``nrow`` images of each class in class order, or "random") and the classifier-free guidance
     weight ``guidance`` (0 unconditional, 1 conditional, > 1 guided; see guidance.py) default to
     ``cfg.sample.class_label`` / ``cfg.sample.guidance``; the labels come back in ``labels``.
+
+    ``guidance_model``: autoguidance (guidance.py, ``autoguided_model``): a worse version of
+    ``model`` (``guidance.load_guidance_model`` loads and checks one) guides it with weight
+    ``guidance``, unconditional models included; both networks get the class labels.
 
     ``callback``, if given, is called after every model call with the sampler's dict
     {"i", "t", "x_t", "x0"} (tensors on ``device``) plus "start", the index of the micro batch's
@@ -115,7 +120,9 @@ def generate(model: torch.nn.Module, cfg: Config, device: torch.device, *,
     options = sampler_options(s)
     shape = (cfg.data.channels, cfg.data.image_size, cfg.data.image_size)
     fast = sampling_network(model, device, precision=s.precision, compile=s.compile)
-    labels, w = sampling_labels(cfg, guidance, class_label)
+    guide = None if guidance_model is None else sampling_network(
+        guidance_model, device, precision=s.precision, compile=s.compile)
+    labels, w = sampling_labels(cfg, guidance, class_label, autoguidance=guide is not None)
     n_samples = s.n_samples if labels is None else len(labels)
     images, frames = [], []
     chunk: list[Tensor] = []
@@ -131,11 +138,12 @@ def generate(model: torch.nn.Module, cfg: Config, device: torch.device, *,
         chunk.clear()
         x_T = torch.randn((min(micro_batch, n_samples - start), *shape),
                           generator=generator, device=device)
-        net = fast if labels is None else guided_model(
-            fast, labels[start:start + len(x_T)], w, alphas_cumprod=alphas_cumprod,
-            interval=s.guidance_interval, null_class=cfg.model.num_classes)
+        net = guided_network(
+            fast, None if labels is None else labels[start:start + len(x_T)], w, guide=guide,
+            alphas_cumprod=alphas_cumprod, interval=s.guidance_interval,
+            null_class=cfg.model.num_classes)
         if optimal and timesteps is None:
-            timesteps = _fit_optimal(fast, cfg, x_T, labels, w, alphas_cumprod)
+            timesteps = _fit_optimal(fast, cfg, x_T, labels, w, alphas_cumprod, guide)
         x0 = sample(net, x_T, alphas_cumprod, sampler=s.sampler, steps=s.steps,
                     spacing=spacing if timesteps is None else timesteps,
                     prediction=cfg.diffusion.prediction,
@@ -149,14 +157,16 @@ def generate(model: torch.nn.Module, cfg: Config, device: torch.device, *,
 
 
 def _fit_optimal(model: Callable[..., Tensor], cfg: Config, x_T: Tensor, labels: Tensor | None,
-                 w: float, alphas_cumprod: Tensor) -> Tensor:
+                 w: float, alphas_cumprod: Tensor,
+                 guide: Callable[..., Tensor] | None = None) -> Tensor:
     """The "optimal" timesteps of ``model`` as it samples here (same guidance and clipping),
     fitted on min(32, n_samples) calibration noise images drawn with seed + 1, so not the
     images' own noise (optimal_steps.calibrated_timesteps)."""
     s = cfg.sample
     n = min(32, s.n_samples)
-    net = model if labels is None else guided_model(
-        model, labels[torch.arange(n, device=labels.device) % len(labels)], w,
+    net = guided_network(
+        model, None if labels is None else labels[torch.arange(n, device=labels.device)
+                                                  % len(labels)], w, guide=guide,
         alphas_cumprod=alphas_cumprod, interval=s.guidance_interval,
         null_class=cfg.model.num_classes)
     denoise = make_denoiser(net, alphas_cumprod, prediction=cfg.diffusion.prediction,
