@@ -169,10 +169,10 @@ def check_guidance_model(cfg: Config, guide_cfg: Config, source: str) -> None:
     same_table = torch.equal(alphas_cumprod_of(cfg), alphas_cumprod_of(guide_cfg))
     if (fd.formulation, fd.prediction) != (fg.formulation, fg.prediction) or not same_table:
         raise PixelDiffusionError(
-            f"guidance model '{source}' is a {fg.formulation} model predicting {fg.prediction} "
-            f"on its own noise schedule, which must be this model's ({fd.formulation}, "
-            f"{fd.prediction}, same diffusion.* schedule keys); use a checkpoint trained with "
-            f"the same diffusion config")
+            f"guidance model '{source}' does not share this model's formulation and noise "
+            f"schedule (it: {fg.formulation}, predicts {fg.prediction}; this model: "
+            f"{fd.formulation}, predicts {fd.prediction}; the diffusion.* keys must match); use "
+            f"a checkpoint trained with the same diffusion config")
     if cfg.model.num_classes != guide_cfg.model.num_classes:
         raise PixelDiffusionError(
             f"guidance model '{source}' has {guide_cfg.model.num_classes} classes but this model "
