@@ -47,7 +47,7 @@ from torch import nn
 from . import __version__
 from .config import Config, from_dict
 from .errors import CheckpointError, ConfigError, PixelDiffusionError
-from .files import write_text_atomic
+from .files import atomic_write, write_text_atomic
 from .unet import UNet, build_unet
 
 FORMAT = "pixeldiffusion/1"
@@ -116,6 +116,20 @@ def save_checkpoint(run_dir: str | Path, step: int, model: nn.Module, ema: nn.Mo
         raise _write_error(root, final, err, shutil.disk_usage(root).free) from None
     prune_checkpoints(run_dir, keep_last)
     return final
+
+
+def save_ema_weights(path: str | Path, ema_state: dict[str, torch.Tensor], cfg: Config,
+                     step: int, *, note: str, metadata: dict[str, str] | None = None) -> Path:
+    """A weights-only checkpoint: ``ema_state`` as ``ema.*`` with the config metadata, the file
+    that ``load_checkpoint`` (so sample, eval, serve and convert) takes like any other; written
+    atomically. ``note`` says where the weights come from; ``metadata`` adds string entries."""
+    tensors = {f"ema.{k}": v.detach().cpu().contiguous() for k, v in ema_state.items()}
+    header = {**(metadata or {}), "format": FORMAT, "pixeldiffusion_version": __version__,
+              "step": str(step), "config": json.dumps(cfg.to_dict()), "weights": note}
+    path = Path(path)
+    with atomic_write(path) as tmp:
+        save_file(tensors, tmp, metadata=header)
+    return path
 
 
 def _write_error(root: Path, final: Path, err: BaseException, free: int) -> CheckpointError:

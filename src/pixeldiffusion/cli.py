@@ -18,6 +18,8 @@ SAMPLE_HELP = """examples:
   pixeldiffusion sample -cp runs/exp-XXX --sampler ddpm --steps 1000 --var_type fixed_large
   pixeldiffusion sample -cp ckpt.safetensors --mode progressive -bs 8 --interval 10
   pixeldiffusion sample -cp runs/cond --class 7 --guidance 3    # class-conditional models
+  pixeldiffusion sample -cp runs/exp-XXX --guidance_model runs/exp-XXX/checkpoints/step-0000400 \
+      --guidance 2                                            # autoguidance by an earlier ckpt
 """
 
 TRAIN_HELP = """Any config key can be overridden as --section.key value, e.g.
@@ -61,6 +63,7 @@ def _parser() -> argparse.ArgumentParser:
     _add_inpaint(commands)
     _add_interpolate(commands)
     _add_convert(commands)
+    _add_ema(commands)
     _add_serve(commands)
     return parser
 
@@ -121,7 +124,9 @@ def _add_sample(commands: argparse._SubParsersAction) -> None:
                         "row of --nrow images per class) or 'random'")
     s.add_argument("--guidance", type=float, metavar="W",
                    help="classifier-free guidance weight: 0 unconditional, 1 conditional, "
-                        ">1 guided (default: the checkpoint's sample.guidance)")
+                        ">1 guided (default: the checkpoint's sample.guidance); with "
+                        "--guidance_model the autoguidance weight")
+    _add_guidance_model(s)
     s.add_argument("--precision", choices=("auto", "fp32", "bf16", "fp16"),
                    help="autocast dtype of the model calls (default: the checkpoint's, auto = "
                         "bf16 where the device runs it natively and the model is wide enough, "
@@ -130,6 +135,14 @@ def _add_sample(commands: argparse._SubParsersAction) -> None:
                    help="torch.compile the UNet first (on CUDA: CUDA graphs); pays for many "
                         "images")
     s.set_defaults(run=_sample)
+
+
+def _add_guidance_model(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--guidance_model", metavar="CKPT",
+                        help="autoguidance (Karras et al. 2024): guide with this worse version "
+                             "of the model (an earlier checkpoint, a shorter EMA, a smaller "
+                             "model of the same data and formulation) at weight --guidance; "
+                             "unconditional models too")
 
 
 def _train(args: argparse.Namespace, overrides: list[str]) -> int:
@@ -162,16 +175,20 @@ def _sample(args: argparse.Namespace, overrides: list[str]) -> int:
     from .checkpoint import load_checkpoint
     from .device import conv_width, resolve_device, resolve_precision
     from .generate import generate, save_outputs, spacing_text, with_sample_options
+    from .guidance import load_guidance_model
 
     device = resolve_device(args.device)
     loaded = load_checkpoint(args.checkpoint, use_ema=args.load_ema, device=device)
     cfg = with_sample_options(loaded.config, **{key: getattr(args, key) for key in SAMPLE_KEYS})
+    guide = None if args.guidance_model is None else load_guidance_model(
+        args.guidance_model, loaded.config, device=device, use_ema=args.load_ema)
     mode = "sample" if args.result_only else args.mode
     # a GIF needs the chain: x_t, or the predicted x0 with --mode progressive
     chain = ("progressive" if mode == "progressive" else "denoise") if args.gif else mode
     generated = generate(loaded.model, cfg, device, mode=chain, micro_batch=args.micro_batch,
                          interval=args.interval or (1 if args.gif else None),
-                         guidance=args.guidance, class_label=args.class_label)
+                         guidance=args.guidance, class_label=args.class_label,
+                         guidance_model=guide)
     if generated.timesteps is not None:
         print(f"optimal timesteps (fitted to this checkpoint; pass them to skip the fit next "
               f"time): --spacing {spacing_text(generated.timesteps)}", file=sys.stderr)
@@ -324,6 +341,42 @@ def _convert(args: argparse.Namespace, overrides: list[str]) -> int:
     return 0
 
 
+EMA_HELP = """examples:
+  pixeldiffusion train --train.posthoc_ema_every 500 -e runs/digits    # record snapshots
+  pixeldiffusion ema runs/digits --sigma_rel 0.07 -o ema-0.07.safetensors
+  pixeldiffusion sample -cp ema-0.07.safetensors
+  pixeldiffusion eval -cp runs/digits --sweep sigma_rel=0.03,0.05,0.1   # pick the best length
+"""
+
+
+def _add_ema(commands: argparse._SubParsersAction) -> None:
+    p = commands.add_parser(
+        "ema", help="post-hoc EMA: rebuild an EMA of any length from a run's snapshots",
+        description="Rebuild the power-function EMA of relative width --sigma_rel (EDM2, Karras "
+                    "et al. 2024, Sec. 3) from the snapshots a run recorded with "
+                    "train.posthoc_ema_every, and write it as a checkpoint that sample, eval, "
+                    "serve and convert take.", epilog=EMA_HELP,
+        formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("run_dir", metavar="RUN", help="run directory with ema_snapshots/")
+    p.add_argument("--sigma_rel", type=float, required=True,
+                   help="EMA length relative to training time, in (0, 0.2887] (e.g. 0.05)")
+    p.add_argument("--step", type=_positive, metavar="N",
+                   help="use the snapshots up to step N (default: all); the EMA is the one at "
+                        "the last of them")
+    p.add_argument("-o", "--out", required=True, metavar="OUT.safetensors",
+                   help="checkpoint file to write")
+    p.set_defaults(run=_ema)
+
+
+def _ema(args: argparse.Namespace, overrides: list[str]) -> int:
+    from .ema_snapshots import describe, reconstruct_run, save_reconstruction
+
+    rebuilt = reconstruct_run(args.run_dir, args.sigma_rel, args.step)
+    print(describe(rebuilt), file=sys.stderr)
+    print(save_reconstruction(rebuilt, args.out))
+    return 0
+
+
 EVAL_HELP = """examples:
   pixeldiffusion eval -cp runs/digits                         # 1,000 samples, digit-FID
   pixeldiffusion eval -cp runs/digits --sweep sampler=ddim,dpmpp_2m nfe=10,20,50 --plot nfe.png
@@ -354,12 +407,16 @@ def _add_eval(commands: argparse._SubParsersAction) -> None:
     e.add_argument("--micro_batch", type=_positive, default=250, help="images per model call")
     e.add_argument("--sampler", help="sampler (default: the checkpoint's)")
     e.add_argument("--steps", type=_positive, help="sampling steps (default: the checkpoint's)")
-    e.add_argument("--guidance", type=float, help="classifier-free guidance weight")
+    e.add_argument("--guidance", type=float, help="classifier-free guidance weight (with "
+                   "--guidance_model: the autoguidance weight)")
+    _add_guidance_model(e)
     e.add_argument("--class", dest="class_label", metavar="CLASS",
                    help="conditional models: class index or name, 'all' or 'random'")
     e.add_argument("--sweep", nargs="+", metavar="KEY=V1,V2",
                    help="evaluate every combination, e.g. sampler=ddpm,ddim steps=10,20,50 "
-                        "(sampler=all: every sampler; nfe=10,20 picks steps per sampler)")
+                        "(sampler=all: every sampler; nfe=10,20 picks steps per sampler; "
+                        "sigma_rel=0.03,0.05,0.1: post-hoc EMA lengths rebuilt from the run's "
+                        "snapshots, see pixeldiffusion ema)")
     e.add_argument("--seed", type=int, help="sampling seed (default: the checkpoint's)")
     e.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N | mps")
     e.add_argument("--load_ema", type=_bool, default=True, help="EMA weights (default true)")
@@ -442,6 +499,7 @@ def _eval_options(args: argparse.Namespace, extra: list[str]) -> EvalOptions:
         extractor=args.extractor, inception_weights=args.inception_weights,
         n_samples=args.n_samples, micro_batch=args.micro_batch, sampler=args.sampler,
         steps=args.steps, guidance=args.guidance, class_label=args.class_label,
+        guidance_model=Path(args.guidance_model) if args.guidance_model else None,
         sample_options=sample_options, sweep=list(args.sweep or []), seed=args.seed,
         device=args.device, use_ema=args.load_ema, out_dir=Path(args.out),
         plot=Path(args.plot) if args.plot else None,

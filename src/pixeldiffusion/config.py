@@ -134,6 +134,13 @@ class TrainConfig:
     grad_clip: float = _opt(1.0, low=0.0, high=1e6, doc="max gradient norm; 0 = off")
     ema_decay: float = _opt(0.995, low=0.0, high=1.0, doc="EMA decay, reached after warm-up")
     ema_warmup: bool = _opt(True, doc="EMA decay min(ema_decay, (1+n)/(10+n)) early on")
+    posthoc_ema_every: int = _opt(0, low=0, high=100_000_000, doc="post-hoc EMA (EDM2): "
+                                  "snapshot the tracked averages every K steps into "
+                                  "RUN/ema_snapshots/ for `pixeldiffusion ema`; 0 = off")
+    # high: posthoc_ema.SIGMA_REL_MAX, the uniform average (a test keeps them equal)
+    posthoc_sigma_rels: tuple[float, ...] = _opt((0.05, 0.10), low=1e-4, high=math.sqrt(1 / 12),
+                                                 doc="post-hoc EMA: the relative widths tracked "
+                                                 "(std of the averaging profile / training time)")
     seed: int = _opt(0, low=0, high=2**63 - 1)
     mixed_precision: str = _opt("no", choices=("no", "auto", "bf16", "fp16"),
                                 doc="autocast dtype of training; auto = bf16 where the device "

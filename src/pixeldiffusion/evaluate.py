@@ -182,19 +182,25 @@ def parse_sweep(items: Sequence[str]) -> list[dict[str, str]]:
             itertools.product(*(values for _, values in axes))]
 
 
+# sweep keys that are not sampling options: a model-call budget (steps per sampler) and the
+# post-hoc EMA length (weights rebuilt from the run's snapshots, ema_snapshots.py)
+SWEEP_KEYS = ("nfe", "sigma_rel")
+
+
 def sweep_config(base: Any, point: dict[str, str]) -> Any:
     """The Config ``base`` with a sweep point's sampling values, each read and checked by the
     config's own rules for ``--sample.KEY value`` (so ``clip_x0=false`` is the bool False and a
-    bad value gets the config's message). ``nfe`` is left to the caller."""
+    bad value gets the config's message). ``nfe`` and ``sigma_rel`` are left to the caller."""
     from .config import apply_overrides
 
     names = [f.name for f in dataclasses.fields(base.sample)]
     for key in point:
-        if key != "nfe" and key not in names:
+        if key not in SWEEP_KEYS and key not in names:
             raise PixelDiffusionError(f"--sweep key '{key}' is not a sampling option; "
-                                      f"{did_you_mean(key, [*names, 'nfe'])}use nfe or one of "
-                                      f"{', '.join(names)}")
-    return apply_overrides(base, [(f"sample.{k}", v) for k, v in point.items() if k != "nfe"])
+                                      f"{did_you_mean(key, [*names, *SWEEP_KEYS])}use "
+                                      f"{', '.join(SWEEP_KEYS)} or one of {', '.join(names)}")
+    return apply_overrides(base, [(f"sample.{k}", v) for k, v in point.items()
+                                  if k not in SWEEP_KEYS])
 
 
 def _nfe_budget(text: str) -> int:
@@ -203,6 +209,45 @@ def _nfe_budget(text: str) -> int:
         raise PixelDiffusionError(f"--sweep nfe={text}: the model-call budget must be a positive "
                                   f"integer, e.g. nfe=10,20,50")
     return int(text)
+
+
+def _sigma_rel(text: str) -> float:
+    """The value of ``sigma_rel=`` in a sweep: a relative EMA width in range."""
+    from .ema_snapshots import check_sigma_rel
+
+    try:
+        value = float(text)
+    except ValueError:
+        raise PixelDiffusionError(f"--sweep sigma_rel={text}: the EMA length must be a number, "
+                                  f"e.g. sigma_rel=0.03,0.05,0.1") from None
+    return check_sigma_rel(value)
+
+
+class PostHocWeights:
+    """Puts the post-hoc EMA of a sweep point's ``sigma_rel`` into a loaded checkpoint's model:
+    rebuilt from its run's snapshots up to the checkpoint's step (``ema_snapshots``). Every
+    value is checked on creation, before any sampling."""
+
+    def __init__(self, loaded: Any, values: Sequence[str]) -> None:
+        from .ema_snapshots import list_snapshots, plan_reconstruction, run_dir_of
+
+        self.loaded, self.current = loaded, None
+        self.run_dir = run_dir_of(Path(loaded.path))
+        if self.run_dir is None:
+            raise PixelDiffusionError(f"--sweep sigma_rel needs a run recorded with "
+                                      f"train.posthoc_ema_every, but '{loaded.path}' has no "
+                                      f"ema_snapshots/ beside it; pass -cp RUN_DIR")
+        snapshots = list_snapshots(self.run_dir)
+        for text in values:
+            plan_reconstruction(snapshots, _sigma_rel(text), loaded.step)
+
+    def load(self, text: str) -> None:
+        from .ema_snapshots import reconstruct_run
+
+        if text != self.current:
+            rebuilt = reconstruct_run(self.run_dir, float(text), self.loaded.step)
+            self.loaded.model.load_state_dict(rebuilt.state)
+            self.current = text
 
 
 def check_sampler(name: str) -> None:
@@ -236,29 +281,38 @@ def plan_sweep(base: Any, points: list[dict[str, str]], *, n_samples: int,
 
 
 def sample_images(loaded: Any, cfg: Any, device: torch.device, *, micro_batch: int,
-                  on_call: Callable[[], None] | None = None) -> tuple[Images, int]:
-    """Draw ``cfg.sample.n_samples`` images from a loaded checkpoint; returns them and the NFE
-    per image (model calls per micro batch)."""
+                  on_call: Callable[[], None] | None = None,
+                  guidance_model: nn.Module | None = None) -> tuple[Images, int]:
+    """Draw ``cfg.sample.n_samples`` images from a loaded checkpoint (autoguided by
+    ``guidance_model`` when given); returns them and the NFE per image (model calls per micro
+    batch, the guidance model's included)."""
     from .generate import generate
 
     counter = CountingModel(loaded.model, on_call)
-    generated = generate(counter, cfg, device, micro_batch=micro_batch)
+    guide = None if guidance_model is None else CountingModel(guidance_model)
+    generated = generate(counter, cfg, device, micro_batch=micro_batch, guidance_model=guide)
     batches = -(-len(generated.images) // micro_batch)
     labels = getattr(generated, "labels", None)
+    calls = counter.calls + (guide.calls if guide is not None else 0)
     return (Images(generated.images, None if labels is None else labels.cpu(), str(loaded.path)),
-            counter.calls // max(batches, 1))
+            calls // max(batches, 1))
 
 
 def run_sweep(loaded: Any, points: list[dict[str, str]], reference: Reference,
               extractor: Extractor, device: torch.device, *, n_samples: int,
               micro_batch: int = 250, seed: int | None = None, progress: bool = True,
-              grid_dir: Path | None = None) -> list[Row]:
+              grid_dir: Path | None = None,
+              guidance_model: nn.Module | None = None) -> list[Row]:
     """Sample and score every sweep point of a checkpoint, with one progress bar (in model calls)
-    over the whole sweep; with ``grid_dir``, also save a grid of each point's first 64 images."""
+    over the whole sweep; with ``grid_dir``, also save a grid of each point's first 64 images.
+    A ``sigma_rel`` key loads that post-hoc EMA length first (``PostHocWeights``);
+    ``guidance_model`` autoguides every point."""
     from .images import save_grid
     from .samplers import nfe_of
 
     plans = plan_sweep(loaded.config, points, n_samples=n_samples, seed=seed)
+    posthoc = PostHocWeights(loaded, [p["sigma_rel"] for p in points]) \
+        if any("sigma_rel" in p for p in points) else None
     batches = -(-n_samples // micro_batch)
     total = sum(nfe_of(c.sample.sampler, c.sample.steps) for _, c in plans)
     rows = []
@@ -267,8 +321,11 @@ def run_sweep(loaded: Any, points: list[dict[str, str]], reference: Reference,
         for point, cfg in plans:
             bar.set_postfix_str(f"{cfg.sample.sampler} {cfg.sample.steps} steps")
             start = time.perf_counter()
+            if posthoc is not None:
+                posthoc.load(point["sigma_rel"])
             images, nfe = sample_images(loaded, cfg, device, micro_batch=micro_batch,
-                                        on_call=lambda: bar.update(1))
+                                        on_call=lambda: bar.update(1),
+                                        guidance_model=guidance_model)
             results, provenance = score(images, reference, extractor)
             setting = {"sampler": cfg.sample.sampler, "steps": cfg.sample.steps,
                        **{k: v for k, v in point.items() if k not in ("sampler", "steps", "nfe")}}
@@ -365,7 +422,8 @@ class EvalOptions:
     when it does not look like one. ``ref`` is a reference for ``reference_features`` (None: the
     checkpoint's data set, else digits). ``sampler``, ``steps``, ``guidance``, ``class_label``
     and ``sample_options`` (sampling config keys without ``sample.``, to text read like
-    ``--sample.KEY value``) change the checkpoint's sampling; ``sweep`` items are ``KEY=V1,V2``.
+    ``--sample.KEY value``) change the checkpoint's sampling; ``guidance_model`` is a checkpoint
+    that autoguides it (guidance.py); ``sweep`` items are ``KEY=V1,V2``.
     """
 
     source: Path
@@ -379,6 +437,7 @@ class EvalOptions:
     steps: int | None = None
     guidance: float | None = None
     class_label: str | None = None
+    guidance_model: Path | None = None
     sample_options: dict[str, str] = field(default_factory=dict)
     sweep: list[str] = field(default_factory=list)
     seed: int | None = None
@@ -396,6 +455,7 @@ class EvalOptions:
         against NFE), named as on the command line."""
         given = {"--sampler": self.sampler is not None, "--steps": self.steps is not None,
                  "--guidance": self.guidance is not None, "--class": self.class_label is not None,
+                 "--guidance_model": self.guidance_model is not None,
                  "--sample.KEY": bool(self.sample_options), "--sweep": bool(self.sweep),
                  "--plot": self.plot is not None}
         return [name for name, on in given.items() if on]
@@ -475,9 +535,16 @@ def run_eval(options: EvalOptions) -> EvalReport:
     stats_file = save_stats(reference, options.save_stats) if options.save_stats else None
     if loaded is not None:
         points = parse_sweep(options.sweep) if options.sweep else [{}]
+        guide = None
+        if options.guidance_model is not None:
+            from .guidance import load_guidance_model
+
+            guide = load_guidance_model(options.guidance_model, loaded.config, device=device,
+                                        use_ema=options.use_ema)
         rows = run_sweep(loaded, points, reference, extractor, device,
                          n_samples=options.n_samples, micro_batch=options.micro_batch,
-                         seed=options.seed, progress=options.progress, grid_dir=options.out_dir)
+                         seed=options.seed, progress=options.progress, grid_dir=options.out_dir,
+                         guidance_model=guide)
     else:
         start = time.perf_counter()
         results, provenance = score(images, reference, extractor)

@@ -17,7 +17,7 @@ from .device import conv_width, make_generator, resolve_precision, use_fast_kern
 from .errors import PixelDiffusionError
 from .files import atomic_write
 from .formulations import VPBridge, bridge_for
-from .guidance import guided_model, sampling_labels
+from .guidance import guided_network, sampling_labels
 from .images import atomic_save, make_grid, save_gif, to_pil, to_uint8
 from .optimal_steps import calibrated_timesteps
 from .optimal_steps import check_steps as check_optimal_steps
@@ -78,7 +78,8 @@ def generate(model: torch.nn.Module, cfg: Config, device: torch.device, *,
              mode: str = "sample", micro_batch: int | None = None,
              interval: int | None = None, guidance: float | None = None,
              class_label: str | int | None = None,
-             callback: Callable[[dict[str, Any]], None] | None = None) -> Generated:
+             callback: Callable[[dict[str, Any]], None] | None = None,
+             guidance_model: torch.nn.Module | None = None) -> Generated:
     """Sample ``cfg.sample.n_samples`` images with ``cfg.sample``'s sampler and seed.
 
     mode "denoise" records x_t and "progressive" the predicted x0 every ``interval`` steps
@@ -93,6 +94,10 @@ def generate(model: torch.nn.Module, cfg: Config, device: torch.device, *,
     ``nrow`` images of each class in class order, or "random") and the classifier-free guidance
     weight ``guidance`` (0 unconditional, 1 conditional, > 1 guided; see guidance.py) default to
     ``cfg.sample.class_label`` / ``cfg.sample.guidance``; the labels come back in ``labels``.
+
+    ``guidance_model``: autoguidance (guidance.py, ``autoguided_model``): a worse version of
+    ``model`` (``guidance.load_guidance_model`` loads and checks one) guides it with weight
+    ``guidance``, unconditional models included; both networks get the class labels.
 
     ``callback``, if given, is called after every model call with the sampler's dict
     {"i", "t", "x_t", "x0"} (tensors on ``device``) plus "start", the index of the micro batch's
@@ -119,7 +124,10 @@ def generate(model: torch.nn.Module, cfg: Config, device: torch.device, *,
     options = sampler_options(s)
     shape = (cfg.data.channels, cfg.data.image_size, cfg.data.image_size)
     fast = bridge.wrap(sampling_network(model, device, precision=s.precision, compile=s.compile))
-    labels, w = sampling_labels(cfg, guidance, class_label)
+    # the guide is wrapped like the model: autoguidance mixes two denoisers of one formulation
+    guide = None if guidance_model is None else bridge.wrap(sampling_network(
+        guidance_model, device, precision=s.precision, compile=s.compile))
+    labels, w = sampling_labels(cfg, guidance, class_label, autoguidance=guide is not None)
     n_samples = s.n_samples if labels is None else len(labels)
     images, frames = [], []
     chunk: list[Tensor] = []
@@ -135,11 +143,12 @@ def generate(model: torch.nn.Module, cfg: Config, device: torch.device, *,
         chunk.clear()
         x_T = torch.randn((min(micro_batch, n_samples - start), *shape),
                           generator=generator, device=device)
-        net = fast if labels is None else guided_model(
-            fast, labels[start:start + len(x_T)], w, alphas_cumprod=alphas_cumprod,
-            interval=s.guidance_interval, null_class=cfg.model.num_classes)
+        net = guided_network(
+            fast, None if labels is None else labels[start:start + len(x_T)], w, guide=guide,
+            alphas_cumprod=alphas_cumprod, interval=s.guidance_interval,
+            null_class=cfg.model.num_classes)
         if optimal and timesteps is None:
-            timesteps = _fit_optimal(fast, cfg, x_T, labels, w, bridge)
+            timesteps = _fit_optimal(fast, cfg, x_T, labels, w, bridge, guide)
         x0 = sample(net, x_T, alphas_cumprod, sampler=s.sampler, steps=s.steps,
                     spacing=spacing if timesteps is None else timesteps,
                     prediction=bridge.prediction,
@@ -153,14 +162,16 @@ def generate(model: torch.nn.Module, cfg: Config, device: torch.device, *,
 
 
 def _fit_optimal(model: Callable[..., Tensor], cfg: Config, x_T: Tensor, labels: Tensor | None,
-                 w: float, bridge: VPBridge) -> Tensor:
+                 w: float, bridge: VPBridge,
+                 guide: Callable[..., Tensor] | None = None) -> Tensor:
     """The "optimal" timesteps of ``model`` (already bridged: ``bridge.wrap``) as it samples here
     (same guidance and clipping), fitted on min(32, n_samples) calibration noise images drawn
     with seed + 1, so not the images' own noise (optimal_steps.calibrated_timesteps)."""
     s, alphas_cumprod = cfg.sample, bridge.alphas_cumprod
     n = min(32, s.n_samples)
-    net = model if labels is None else guided_model(
-        model, labels[torch.arange(n, device=labels.device) % len(labels)], w,
+    net = guided_network(
+        model, None if labels is None else labels[torch.arange(n, device=labels.device)
+                                                  % len(labels)], w, guide=guide,
         alphas_cumprod=alphas_cumprod, interval=s.guidance_interval,
         null_class=cfg.model.num_classes)
     denoise = make_denoiser(net, alphas_cumprod, prediction=bridge.prediction,

@@ -1,5 +1,5 @@
-"""Classifier-free guidance (Ho & Salimans 2022): label dropout for training, a guided model for
-sampling, and the class labels a user asks for.
+"""Classifier-free guidance (Ho & Salimans 2022) and autoguidance (Karras et al. 2024): label
+dropout for training, guided models for sampling, and the class labels a user asks for.
 
 Convention (Ho & Salimans 2022, eq. 6, written with w = 1 + their w):
 
@@ -16,19 +16,23 @@ The conditional and unconditional outputs come from ONE batched forward pass (in
 along the batch axis). Because x0, eps and v are affine in the network output for a fixed x_t
 and t (``diffusion.x0_eps_from_output``), combining raw outputs with the formula above gives
 exactly eps_guided for eps-, x0- and v-prediction models alike.
+
+Autoguidance (``autoguided_model``) guides a model with a worse version of itself instead of
+its unconditional half: D_w = D_bad + w (D_good - D_bad), for unconditional models too.
+``guided_network`` picks the wrapper a sampling command needs.
 """
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable, Sequence
+from pathlib import Path
 
 import torch
 from torch import Tensor
 
 from .config import Config
 from .errors import PixelDiffusionError, did_you_mean
-from .schedule import alphas_cumprod_at, sigma_of
+from .schedule import alphas_cumprod_at, alphas_cumprod_of, sigma_of
 
 Model = Callable[..., Tensor]
 CLASS_KEYWORDS = ("all", "random")
@@ -66,17 +70,11 @@ def guided_model(model: Model, labels: Tensor, guidance: float = 1.0, *,
     """
     if null_class is None:
         null_class = int(model.null_class)  # type: ignore[attr-defined]
-    if interval and alphas_cumprod is None:
-        raise ValueError("a guidance interval needs alphas_cumprod to map timesteps to sigma")
-    sigma_lo, sigma_hi = (float(interval[0]), float(interval[1])) if interval else (0.0, math.inf)
-    abar = alphas_cumprod.detach().double().cpu() if alphas_cumprod is not None else None
+    weight_at = _weight_in_interval(guidance, alphas_cumprod, interval)
 
     def forward(x_t: Tensor, t: Tensor) -> Tensor:
         y = labels.to(x_t.device)
-        w = guidance
-        if interval:
-            sigma = sigma_of(alphas_cumprod_at(abar, float(t.reshape(-1)[0])))
-            w = guidance if sigma_lo < sigma <= sigma_hi else 1.0
+        w = weight_at(t)
         if w == 1.0:
             return model(x_t, t, y=y)
         null = torch.full_like(y, null_class)
@@ -87,6 +85,111 @@ def guided_model(model: Model, labels: Tensor, guidance: float = 1.0, *,
                                      y=torch.cat([y, null])).chunk(2)
         return out_uncond + w * (out_cond - out_uncond)  # Ho & Salimans 2022, eq. 6
     return forward
+
+
+def _weight_in_interval(guidance: float, alphas_cumprod: Tensor | None,
+                        interval: Sequence[float]) -> Callable[[Tensor], float]:
+    """t -> the guidance weight at timestep t: ``guidance`` where sigma_lo < sigma(t) <=
+    sigma_hi (Kynkäänniemi et al. 2024, eq. 2; EDM's sigma from ``alphas_cumprod``), 1 (the
+    plain model) elsewhere; ``guidance`` everywhere when ``interval`` is empty."""
+    if not interval:
+        return lambda t: guidance
+    if alphas_cumprod is None:
+        raise ValueError("a guidance interval needs alphas_cumprod to map timesteps to sigma")
+    sigma_lo, sigma_hi = float(interval[0]), float(interval[1])
+    abar = alphas_cumprod.detach().double().cpu()
+
+    def weight_at(t: Tensor) -> float:
+        sigma = sigma_of(alphas_cumprod_at(abar, float(t.reshape(-1)[0])))
+        return guidance if sigma_lo < sigma <= sigma_hi else 1.0
+    return weight_at
+
+
+def autoguided_model(model: Model, guide: Model, guidance: float, *,
+                     labels: Tensor | None = None, alphas_cumprod: Tensor | None = None,
+                     interval: Sequence[float] = ()) -> Callable[[Tensor, Tensor], Tensor]:
+    """Autoguidance (Karras et al. 2024, "Guiding a Diffusion Model with a Bad Version of
+    Itself", eq. 1 with the bad model as D_0): ``model`` guided by ``guide``, a worse version of
+    it (an earlier checkpoint, a shorter EMA, a smaller network) of the same data and
+    formulation, as a plain ``model(x_t, t) -> output`` for any sampler:
+
+        D_w(x; sigma) = D_bad(x; sigma) + w (D_good(x; sigma) - D_bad(x; sigma))
+
+    model, guide: networks called as ``net(x_t, t)`` or, with ``labels``, ``net(x_t, t, y=labels)``
+        (both get the label); they must share the output's parameterisation (eps, x0 or v) and
+        the noise schedule, so that combining raw outputs is exactly combining denoisers (see
+        the module docstring). Works for unconditional models (``labels`` None).
+    guidance: w; 1 = ``model`` alone (one call), 0 = ``guide`` alone; otherwise both are called
+        (two forward passes of N: two networks cannot share a batch).
+    interval: optional (sigma_lo, sigma_hi) as in ``guided_model``: guide only there, plain
+        ``model`` elsewhere; needs ``alphas_cumprod``.
+    """
+    weight_at = _weight_in_interval(guidance, alphas_cumprod, interval)
+
+    def forward(x_t: Tensor, t: Tensor) -> Tensor:
+        extra = {} if labels is None else {"y": labels.to(x_t.device)}
+        w = weight_at(t)
+        if w == 1.0:
+            return model(x_t, t, **extra)
+        if w == 0.0:
+            return guide(x_t, t, **extra)
+        out_bad = guide(x_t, t, **extra)
+        return out_bad + w * (model(x_t, t, **extra) - out_bad)  # Karras et al. 2024, eq. 1
+    return forward
+
+
+def guided_network(model: Model, labels: Tensor | None, guidance: float, *,
+                   guide: Model | None = None, alphas_cumprod: Tensor | None = None,
+                   interval: Sequence[float] = (),
+                   null_class: int | None = None) -> Callable[..., Tensor]:
+    """The network a sampler is given for a choice of guidance: ``autoguided_model`` when a
+    ``guide`` network is given, ``guided_model`` (classifier-free) for class ``labels``, else
+    ``model`` itself."""
+    if guide is not None:
+        return autoguided_model(model, guide, guidance, labels=labels,
+                                alphas_cumprod=alphas_cumprod, interval=interval)
+    if labels is None:
+        return model
+    return guided_model(model, labels, guidance, alphas_cumprod=alphas_cumprod,
+                        interval=interval, null_class=null_class)
+
+
+def check_guidance_model(cfg: Config, guide_cfg: Config, source: str) -> None:
+    """A PixelDiffusionError unless the guidance model of ``guide_cfg`` (from ``source``) can
+    guide the model of ``cfg``: same image shape, formulation, prediction target, noise table
+    and class count (its size, training length and EMA may differ: that is the point)."""
+    d, g = cfg.data, guide_cfg.data
+    if (d.channels, d.image_size) != (g.channels, g.image_size):
+        raise PixelDiffusionError(
+            f"guidance model '{source}' makes {g.channels}x{g.image_size}x{g.image_size} images "
+            f"but this model makes {d.channels}x{d.image_size}x{d.image_size}; autoguidance needs "
+            f"a worse version of the same model (an earlier checkpoint, a shorter EMA or a "
+            f"smaller model trained on the same data)")
+    fd, fg = cfg.diffusion, guide_cfg.diffusion
+    same_table = torch.equal(alphas_cumprod_of(cfg), alphas_cumprod_of(guide_cfg))
+    if (fd.formulation, fd.prediction) != (fg.formulation, fg.prediction) or not same_table:
+        raise PixelDiffusionError(
+            f"guidance model '{source}' does not share this model's formulation and noise "
+            f"schedule (it: {fg.formulation}, predicts {fg.prediction}; this model: "
+            f"{fd.formulation}, predicts {fd.prediction}; the diffusion.* keys must match); use "
+            f"a checkpoint trained with the same diffusion config")
+    if cfg.model.num_classes != guide_cfg.model.num_classes:
+        raise PixelDiffusionError(
+            f"guidance model '{source}' has {guide_cfg.model.num_classes} classes but this model "
+            f"has {cfg.model.num_classes}; autoguidance gives both the same labels, so use a "
+            f"checkpoint trained with the same classes")
+
+
+def load_guidance_model(path: str | Path, cfg: Config, *, device: torch.device | str = "cpu",
+                        use_ema: bool = True) -> torch.nn.Module:
+    """The network of checkpoint ``path`` (EMA weights unless ``use_ema`` is False), checked by
+    ``check_guidance_model`` to guide the model of ``cfg``: pass it to
+    ``generate(..., guidance_model=)``."""
+    from .checkpoint import load_checkpoint
+
+    loaded = load_checkpoint(path, use_ema=use_ema, device=device)
+    check_guidance_model(cfg, loaded.config, str(path))
+    return loaded.model
 
 
 def class_names_or_indices(num_classes: int, class_names: Sequence[str]) -> list[str]:
@@ -144,19 +247,23 @@ def class_labels(spec: str | int, n: int, num_classes: int, class_names: Sequenc
 
 
 def sampling_labels(cfg: Config, guidance: float | None = None,
-                    class_label: str | int | None = None) -> tuple[Tensor | None, float]:
+                    class_label: str | int | None = None, *,
+                    autoguidance: bool = False) -> tuple[Tensor | None, float]:
     """(labels int64 [N] or None, w) for sampling ``cfg``'s model; arguments that are None take
     ``cfg.sample.guidance`` / ``cfg.sample.class_label``.
 
-    Unconditional models (``model.num_classes`` 0) get (None, 1.0); passing them ``guidance`` or
-    ``class_label`` (or a config asking for a class or w != 1) is a PixelDiffusionError naming
-    the fix.
+    Unconditional models (``model.num_classes`` 0) get (None, 1.0), or (None, w) with
+    ``autoguidance`` (a guidance model needs no labels); passing them ``guidance`` without it,
+    or ``class_label`` (or a config asking for a class or w != 1) is a PixelDiffusionError
+    naming the fix.
     """
     s, m = cfg.sample, cfg.model
     w = s.guidance if guidance is None else float(guidance)
     spec = s.class_label if class_label is None else class_label
     if m.num_classes == 0:
-        if guidance is not None or w != 1.0:
+        if autoguidance and class_label is None and str(spec) == "random":
+            return None, _checked_weight(w)
+        if (guidance is not None or w != 1.0) and not autoguidance:
             what = f"--guidance {w:g}"
         elif class_label is not None or str(spec) != "random":
             what = f"--class {spec}"
@@ -164,10 +271,17 @@ def sampling_labels(cfg: Config, guidance: float | None = None,
             return None, 1.0
         raise PixelDiffusionError(f"{what} needs a class-conditional model, but this one is "
                                   f"unconditional (model.num_classes 0); drop --class and "
-                                  f"--guidance, or train one with -c configs/mnist_cond.yaml")
-    if not 0.0 <= w <= 100.0:
-        raise PixelDiffusionError(f"guidance weight {w:g} is out of range; use a w in [0, 100] "
-                                  f"(0 = unconditional, 1 = conditional)")
+                                  f"--guidance, train one with -c configs/mnist_cond.yaml, or "
+                                  f"guide it with a worse version of itself (--guidance_model "
+                                  f"CKPT, autoguidance)")
     labels = class_labels(spec, s.n_samples, m.num_classes, m.class_names, per_class=s.nrow,
                           seed=s.seed)
-    return labels, w
+    return labels, _checked_weight(w)
+
+
+def _checked_weight(w: float) -> float:
+    if not 0.0 <= w <= 100.0:
+        raise PixelDiffusionError(f"guidance weight {w:g} is out of range; use a w in [0, 100] "
+                                  f"(0 = unconditional or the guidance model alone, 1 = the "
+                                  f"model alone)")
+    return w

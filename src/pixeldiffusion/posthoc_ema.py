@@ -27,6 +27,7 @@ from __future__ import annotations
 import math
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import torch
@@ -113,15 +114,20 @@ class PowerEMA:
         self.state = _clone(state)
 
     def update(self, state: StateDict, step: int) -> None:
-        """Fold in the parameters after optimizer step ``step`` (1, 2, ...)."""
+        """Fold in the parameters after optimizer step ``step`` (1, 2, ...): one fused foreach
+        lerp over the floating-point entries, on their device, without a host sync."""
         beta = power_beta(step, self.gamma)
+        averages, values = [], []
         with torch.no_grad():
             for name, average in self.state.items():
                 value = state[name].detach()
                 if average.is_floating_point():
-                    average.lerp_(value.to(average.dtype), 1 - beta)  # beta avg + (1-beta) value
+                    averages.append(average)
+                    values.append(value.to(average.dtype))
                 else:
                     average.copy_(value)
+            if averages:
+                torch._foreach_lerp_(averages, values, 1 - beta)  # beta avg + (1-beta) value
 
 
 class PostHocEMA:
@@ -147,9 +153,69 @@ class PostHocEMA:
         ``every``, return a snapshot of each (copies), else []."""
         for average in self.averages:
             average.update(state, step)
-        if step % self.every:
-            return []
+        return [] if step % self.every else self.snapshots(step)
+
+    def snapshots(self, step: int) -> list[Snapshot]:
+        """A copy of each average as it is now, labelled with ``step``."""
         return [Snapshot(step, average.gamma, _clone(average.state)) for average in self.averages]
+
+    def state_dict(self) -> dict[str, Any]:
+        """What a checkpoint keeps to continue exactly: each average's gamma and state."""
+        return {"gammas": [average.gamma for average in self.averages],
+                "averages": [dict(average.state) for average in self.averages]}
+
+    def load_state_dict(self, saved: Mapping[str, Any]) -> None:
+        """Copy ``state_dict()``'s averages back in place (onto this tracker's devices); a
+        ValueError if its profiles are not this tracker's."""
+        gammas = [float(g) for g in saved["gammas"]]
+        if not _same_profiles(gammas, [average.gamma for average in self.averages]):
+            widths = ", ".join(f"{sigma_rel_of_gamma(g):.3g}" for g in gammas)
+            raise ValueError(f"the saved post-hoc EMA tracks sigma_rel {widths}")
+        with torch.no_grad():
+            for average, saved_state in zip(self.averages, saved["averages"], strict=True):
+                for name, value in average.state.items():
+                    value.copy_(saved_state[name])
+
+
+def _same_profiles(a: Sequence[float], b: Sequence[float]) -> bool:
+    return len(a) == len(b) and all(math.isclose(x, y, rel_tol=1e-9)
+                                    for x, y in zip(a, b, strict=False))
+
+
+def fit_error(steps: Sequence[int], gammas: Sequence[float], step: int, gamma: float) -> float:
+    """How far the least-squares fit of ``snapshot_weights`` is from the wanted profile:
+    ||sum_i x_i p_i - p|| / ||p|| in the profiles' L2 norm, from the same inner products
+    (||.||^2 = <p, p> - 2 x.b + x.A x). 0 = exact; it grows where the snapshots are too few or
+    too far from the wanted width."""
+    t = torch.tensor(steps, dtype=torch.float64)
+    g = torch.tensor(gammas, dtype=torch.float64)
+    target_t = torch.tensor(float(step), dtype=torch.float64)
+    target_g = torch.tensor(gamma, dtype=torch.float64)
+    A = profile_inner_product(t[:, None], g[:, None], t[None, :], g[None, :])
+    b = profile_inner_product(t, g, target_t, target_g)
+    norm2 = profile_inner_product(target_t, target_g, target_t, target_g)
+    x = snapshot_weights(steps, gammas, step, gamma)
+    residual2 = norm2 - 2 * x @ b + x @ A @ x
+    return float(residual2.clamp(min=0).sqrt() / norm2.sqrt())
+
+
+def weighted_sum(weights: Sequence[float], states: Iterable[StateDict]) -> dict[str, Tensor]:
+    """sum_i weights[i] states[i] entry by entry, summed in float64 and returned in each entry's
+    own dtype; non-float entries come from the last state. ``states`` may be a generator, so
+    only one state (plus the float64 sums) needs to be in memory at a time."""
+    sums: dict[str, Tensor] = {}
+    last: StateDict = {}
+    count = 0
+    for weight, state in zip(weights, states, strict=True):
+        for name, value in state.items():
+            if value.is_floating_point():
+                term = float(weight) * value.double()
+                sums[name] = term if name not in sums else sums[name].add_(term)
+        last, count = state, count + 1
+    if not count:
+        raise ValueError("post-hoc EMA needs at least one snapshot")
+    return {name: sums[name].to(value.dtype) if value.is_floating_point() else value.clone()
+            for name, value in last.items()}
 
 
 def reconstruct(snapshots: Iterable[Snapshot], sigma_rel: float,
@@ -164,13 +230,4 @@ def reconstruct(snapshots: Iterable[Snapshot], sigma_rel: float,
     step = snapshots[-1].step if step is None else step
     weights = snapshot_weights([s.step for s in snapshots], [s.gamma for s in snapshots], step,
                                gamma_of_sigma_rel(sigma_rel))
-    latest = snapshots[-1].state
-    out = {}
-    for name, value in latest.items():
-        if not value.is_floating_point():
-            out[name] = value.clone()
-            continue
-        total = sum(float(w) * s.state[name].double() for w, s in zip(weights, snapshots,
-                                                                       strict=True))
-        out[name] = total.to(value.dtype)
-    return out
+    return weighted_sum(weights.tolist(), (s.state for s in snapshots))

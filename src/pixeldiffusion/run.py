@@ -1,6 +1,7 @@
 """A training run as ``pixeldiffusion train`` makes it: train.py's loop plus the hooks that need
 the sampling and metric code, sample grids (train.sample_every) and the quality score
-(train.eval_*). Kept apart so that the loop does not depend on that code.
+(train.eval_*), plus the post-hoc EMA snapshots (train.posthoc_ema_every). Kept apart so that
+the loop does not depend on that code.
 
     from pixeldiffusion.run import default_hooks, train
     train(cfg, "runs/digits")                       # as the CLI does (pd.train is this)
@@ -11,10 +12,12 @@ the sampling and metric code, sample grids (train.sample_every) and the quality 
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 from .config import Config
+from .ema_snapshots import SnapshotRecorder
 from .generate import generate
 from .images import save_grid
 from .train import Hook, TrainResult, TrainState
@@ -28,8 +31,20 @@ def train(cfg: Config, run_dir: str | Path | None = None, **kwargs: Any) -> Trai
 
 def default_hooks(cfg: Config) -> list[Hook]:
     """A sample grid every train.sample_every steps and the quality score every
-    train.eval_every steps, each also at the end of the run."""
-    return [Hook(cfg.train.sample_every, save_sample_grid), eval_hook(cfg.train.eval_every)]
+    train.eval_every steps, each also at the end of the run; with train.posthoc_ema_every, the
+    post-hoc EMA tracker (``posthoc_ema_hook``)."""
+    hooks = [Hook(cfg.train.sample_every, save_sample_grid), eval_hook(cfg.train.eval_every)]
+    if cfg.train.posthoc_ema_every:
+        hooks.append(posthoc_ema_hook(cfg.train.posthoc_ema_every, cfg.train.posthoc_sigma_rels))
+    return hooks
+
+
+def posthoc_ema_hook(every: int, sigma_rels: Sequence[float]) -> Hook:
+    """Post-hoc EMA (EDM2, Sec. 3): the power-function averages of ``sigma_rels`` updated after
+    every step, snapshotted into RUN/ema_snapshots/ every ``every`` steps and at the end, kept
+    in the checkpoints' training state (ema_snapshots.SnapshotRecorder)."""
+    recorder = SnapshotRecorder(every, sigma_rels)
+    return Hook(1, recorder, setup=recorder.setup)
 
 
 def save_sample_grid(state: TrainState) -> None:

@@ -246,6 +246,10 @@ class TrainState:
     saved_step: int = -1            # its step, known on every process
     grid: Path | None = None        # newest sample grid written by a hook
     postfix: dict[str, str] = field(default_factory=dict)  # progress bar: loss, lr, fid
+    # parts of the training state that hooks own (name -> an object with state_dict() and
+    # load_state_dict(saved or None)), registered in their setup; saved into state.pt under the
+    # name and handed back on resume (``restore_hook_states``)
+    hook_states: dict[str, Any] = field(default_factory=dict)
 
     @property
     def device(self) -> torch.device:
@@ -301,6 +305,7 @@ def train(cfg: Config, run_dir: str | Path | None = None, *, resume: str | None 
                 if hook.setup is not None:
                     hook.setup(state)
             if point is not None:  # last: the setups above may draw from the global RNG
+                restore_hook_states(state, point)
                 restore_rngs(state, point)
             tc = state.cfg.train
             _loop(state, [Hook(tc.log_every, log_scalars), Hook(tc.save_every, save), *hooks],
@@ -459,6 +464,13 @@ def restore(state: TrainState, point: ResumePoint) -> None:
     state.checkpoint, state.saved_step = point.path, state.step
 
 
+def restore_hook_states(state: TrainState, point: ResumePoint) -> None:
+    """Hand each part in ``state.hook_states`` (registered by the hooks' setup) what the
+    checkpoint saved under its name, or None when it saved nothing."""
+    for name, part in state.hook_states.items():
+        part.load_state_dict(point.state.get(name))
+
+
 def restore_rngs(state: TrainState, point: ResumePoint) -> None:
     """This process's saved RNG states (global and the run's generator). Call it after anything
     that may still draw from the global RNG (building the loader iterator, the hooks' setup, the
@@ -529,7 +541,8 @@ def save(state: TrainState) -> None:
         "step": step, "optimizer": state.optimizer.state_dict(),
         "scheduler": state.scheduler.state_dict(), "rng": _rng_states(state.generator),
         "nonfinite_steps": int(state.nonfinite.total),
-        "rng_ranks": _rng_states_of_all(state.accelerator, state.generator)}
+        "rng_ranks": _rng_states_of_all(state.accelerator, state.generator),
+        **{name: part.state_dict() for name, part in state.hook_states.items()}}
     score = state.losses.mean("save", state.accelerator)
     tc = state.cfg.train
     if state.main:
