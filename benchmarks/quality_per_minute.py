@@ -140,6 +140,14 @@ def _diffusers_unet():
     return diffusers_unet(load_config(None))
 
 
+def _machine() -> str:
+    """throughput.py's line naming the CPU, its flags and the load, for the quoted table."""
+    sys.path.insert(0, str(Path(__file__).parent))
+    from throughput import machine_header
+
+    return machine_header(torch.device("cpu"))
+
+
 @torch.no_grad()
 def sample_diffusers(weights: dict, n: int, batch: int = 250, seed: int = 0) -> torch.Tensor:
     """DDIM-50 (eta 0) samples of the diffusers UNet with ``weights``: [n, 1, 32, 32] in [-1, 1]."""
@@ -276,7 +284,8 @@ def main() -> None:
                      digit_fid(images)))
     side_by_side(grids, out / "side_by_side.png")
     cores = "one core and one thread per recipe" if args.cores == 2 else "all cores, in turn"
-    print(f"\n{os.cpu_count()} CPU(s) ({cores}), torch {torch.__version__}; {args.samples} "
+    print(f"\n{_machine()}")
+    print(f"{os.cpu_count()} CPU(s) ({cores}), torch {torch.__version__}; {args.samples} "
           f"samples per row, digit-FID vs the 4,000 held-in built-in digits "
           f"({extractor.description})")
     print("| recipe | minutes | optimizer steps | digit-FID | x floor |\n|---|---:|---:|---:|---:|")
