@@ -209,7 +209,10 @@ def check_sampler(name: str) -> None:
     """samplers.check_sampler's message as a PixelDiffusionError, which also names
     ``sampler=all``, the sweep's spelling of every sampler."""
     from . import samplers
+    from .config import CONSISTENCY_SAMPLER
 
+    if name == CONSISTENCY_SAMPLER:  # the config's own check ties it to consistency models
+        return
     try:
         samplers.check_sampler(name)
     except ValueError as err:
@@ -299,11 +302,12 @@ class TrainingEval:
     set. Reference features are computed once (and cached on disk)."""
 
     def __init__(self, cfg: Any, device: torch.device) -> None:
+        from .config import CONSISTENCY_SAMPLER
         from .errors import ConfigError
         from .samplers import SAMPLERS
 
         tc = cfg.train
-        if tc.eval_sampler not in SAMPLERS:
+        if tc.eval_sampler not in (*SAMPLERS, CONSISTENCY_SAMPLER):
             raise ConfigError(f"config key 'train.eval_sampler' is '{tc.eval_sampler}'; "
                               f"{did_you_mean(tc.eval_sampler, SAMPLERS)}use one of "
                               f"{', '.join(SAMPLERS)}")
