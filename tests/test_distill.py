@@ -185,3 +185,26 @@ def test_guided_sampling_of_a_conditional_student(tmp_path):
     out = generate(net, cfg, torch.device("cpu"), guidance=2.0, class_label="all")
     assert out.images.shape == (6, 1, 8, 8) and out.labels.tolist() == [0, 0, 1, 1, 2, 2]
     assert len(calls) == 2 and calls[0] == [0, 0, 1, 1, 2, 2, 3, 3, 3, 3, 3, 3]
+
+
+def test_few_step_benchmark_runs_at_a_tiny_size(teacher, tmp_path):
+    """benchmarks/few_step.py end to end: tune (2 steps), sample, score, table and picture."""
+    import re
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    script = Path(__file__).resolve().parent.parent / "benchmarks" / "few_step.py"
+    out = tmp_path / "out"
+    result = subprocess.run(
+        [sys.executable, str(script), str(teacher), "--minutes", "5", "--samples", "20",
+         "--steps", "1,2", "--nfe", "1,2", "--distill", "--train.steps 2", "--out", str(out)],
+        capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    rows = re.findall(r"^\| (.+?) \| (\d*) \| ([\d.]+) \|", result.stdout, re.M)
+    names = [name for name, _, _ in rows]
+    assert names[0] == "held-out real digits (floor)"
+    assert "tuned (2 steps of ECT), 1 step(s)" in names
+    assert any(name.startswith("teacher") for name in names)
+    assert all(float(fid) > 0 for _, _, fid in rows)
+    assert (out / "same_noise.png").is_file()
