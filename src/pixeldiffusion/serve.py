@@ -713,8 +713,7 @@ def make_app(queue: JobQueue, limits: Limits, access: Access = Access()) -> Any:
             checkpoints = [describe(e, limits) for e in entries]
         except PixelDiffusionError as err:
             return JSONResponse({"error": str(err)}, status_code=500)
-        return JSONResponse({"checkpoints": checkpoints,
-                             "samplers": [*SAMPLERS, CONSISTENCY_SAMPLER],
+        return JSONResponse({"checkpoints": checkpoints, "samplers": list(SAMPLERS),
                              "views": list(VIEWS),
                              "limits": {"max_steps": limits.max_steps,
                                         "max_batch": limits.max_batch,
