@@ -58,6 +58,7 @@ def _parser() -> argparse.ArgumentParser:
     # One _add_<command> per subcommand; each sets ``run`` (and ``takes_overrides`` when unknown
     # arguments are config overrides). Keep the list in the order of ``pixeldiffusion --help``.
     _add_train(commands)
+    _add_distill(commands)
     _add_sample(commands)
     _add_eval(commands)
     _add_inpaint(commands)
@@ -78,6 +79,50 @@ def _add_train(commands: argparse._SubParsersAction) -> None:
     train.add_argument("--device", help="shortcut for --train.device (auto|cpu|cuda|mps)")
     train.add_argument("--no_progress", action="store_true", help="no progress bar")
     train.set_defaults(run=_train, takes_overrides=True)
+
+
+DISTILL_HELP = """Tunes a trained checkpoint of any formulation into a consistency model that
+samples in 1, 2 or 4 model calls (Easy Consistency Tuning; docs/consistency.md). Config keys
+override as --section.key value, e.g.
+  pixeldiffusion distill -cp runs/digits -e runs/digits-ect --train.steps 2000
+  pixeldiffusion distill -e runs/digits-ect --resume auto     # continue where it stopped
+  pixeldiffusion sample -cp runs/digits-ect --steps 1
+"""
+
+
+def _add_distill(commands: argparse._SubParsersAction) -> None:
+    d = commands.add_parser("distill", help="tune a checkpoint into a few-step consistency model",
+                            epilog=DISTILL_HELP,
+                            formatter_class=argparse.RawDescriptionHelpFormatter)
+    d.add_argument("-cp", "--checkpoint", help="the teacher: .safetensors file, checkpoint "
+                   "directory or run directory (not needed with --resume)")
+    d.add_argument("-e", "--exp_dir", help="run directory (default: runs/exp-<time>)")
+    d.add_argument("--method", default="ect", choices=("ect",),
+                   help="ect: Easy Consistency Tuning (Geng et al. 2024)")
+    d.add_argument("--resume", help="'auto' (newest checkpoint of -e) or a checkpoint path")
+    d.add_argument("--device", help="shortcut for --train.device (auto|cpu|cuda|mps)")
+    d.add_argument("--no_progress", action="store_true", help="no progress bar")
+    d.set_defaults(run=_distill, takes_overrides=True)
+
+
+def _distill(args: argparse.Namespace, overrides: list[str]) -> int:
+    from .config import load_config
+    from .distill import student_config, tune
+
+    if args.device:
+        overrides = [*overrides, "--train.device", args.device]
+    saved = Path(args.exp_dir) / "config.yaml" if args.exp_dir else None
+    if args.resume and saved is not None and saved.is_file():
+        cfg = load_config(saved, overrides)
+    elif args.resume:
+        raise PixelDiffusionError("--resume needs -e EXP_DIR, the distill run to continue")
+    elif args.checkpoint is None:
+        raise PixelDiffusionError("distill needs a teacher: -cp CHECKPOINT (a trained run, "
+                                  "checkpoint directory or .safetensors file)")
+    else:
+        cfg = student_config(args.checkpoint, overrides, method=args.method)
+    tune(cfg, args.exp_dir, resume=args.resume, progress=not args.no_progress)
+    return 0
 
 
 def _add_sample(commands: argparse._SubParsersAction) -> None:
@@ -162,6 +207,10 @@ def _train(args: argparse.Namespace, overrides: list[str]) -> int:
     if args.device:
         overrides = [*overrides, "--train.device", args.device]
     cfg = load_config(config_path, overrides)
+    if cfg.consistency.method != "none":  # a distill run, resumed as its Ctrl-C message says
+        from .distill import tune
+        tune(cfg, args.exp_dir, resume=args.resume, progress=not args.no_progress)
+        return 0
     train(cfg, args.exp_dir, resume=args.resume, progress=not args.no_progress)
     return 0
 

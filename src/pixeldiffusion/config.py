@@ -40,6 +40,13 @@ def _opt(default: Any, *, choices: Sequence[Any] | Callable[[], Sequence[Any]] |
 DATASETS = ("digits", "mnist", "cifar10", "celeba64", "folder")
 
 
+# samplers.sample states the sampling defaults and SAMPLERS the names; the config reads both
+_SAMPLE_DEFAULTS = {name: p.default for name, p in inspect.signature(sample).parameters.items()
+                    if p.default is not inspect.Parameter.empty}
+CONSISTENCY_SAMPLER = "consistency"  # multistep consistency sampling (consistency.py)
+SAMPLER_CHOICES = (*SAMPLERS, CONSISTENCY_SAMPLER)
+
+
 @dataclass
 class DataConfig:
     dataset: str = _opt("digits", choices=DATASETS,
@@ -166,7 +173,7 @@ class TrainConfig:
                              "quality at the end of training; 0 = off (evaluate.py)")
     eval_every: int = _opt(0, low=0, high=100_000_000, doc="also score every N steps; 0 = only "
                            "at the end")
-    eval_sampler: str = _opt("ddim", choices=tuple(SAMPLERS),
+    eval_sampler: str = _opt("ddim", choices=SAMPLER_CHOICES,
                              doc="sampler of the training-time metric")
     eval_steps: int = _opt(20, low=1, high=100_000, doc="its sampling steps")
     eval_metric: str = _opt("digits", choices=("digits", "inception", "both"),
@@ -174,11 +181,6 @@ class TrainConfig:
                             "FID vs the training data set (needs the [fid] extra)")
     p_uncond: float = _opt(0.1, low=0.0, high=1.0, doc="conditional models: probability that a "
                            "label is replaced by the null class (classifier-free guidance)")
-
-
-# samplers.sample states the sampling defaults and SAMPLERS the names; the config reads both
-_SAMPLE_DEFAULTS = {name: p.default for name, p in inspect.signature(sample).parameters.items()
-                    if p.default is not inspect.Parameter.empty}
 
 
 DEPRECATED_KEYS = {"sample.skip_type": "sample.spacing"}  # old configs and checkpoints still load
@@ -192,7 +194,7 @@ class SampleConfig:
     options (``eta``, ``var_type``, ``order``, ``variant``) go to every sampler that takes them
     (``samplers.option_names``); None leaves the sampler's own default."""
 
-    sampler: str = _opt(_SAMPLE_DEFAULTS["sampler"], choices=tuple(SAMPLERS),
+    sampler: str = _opt(_SAMPLE_DEFAULTS["sampler"], choices=SAMPLER_CHOICES,
                         doc="samplers.SAMPLERS")
     steps: int = _opt(_SAMPLE_DEFAULTS["steps"], low=1, high=100_000,
                       doc="model calls; < T skips steps")
@@ -234,6 +236,33 @@ class SampleConfig:
                                                 "there (Kynkaanniemi et al. 2024); empty = always")
 
 
+CONSISTENCY_METHODS = ("none", "ect")
+
+
+@dataclass
+class ConsistencyConfig:
+    """A consistency model tuned from a diffusion checkpoint (``pixeldiffusion distill``,
+    docs/consistency.md); method none is a diffusion model. The ECT keys are
+    ``consistency.ECTLoss``'s."""
+
+    method: str = _opt("none", choices=CONSISTENCY_METHODS, doc="none = a diffusion model; ect "
+                       "= a consistency model tuned by Easy Consistency Tuning (Geng et al. 2024)")
+    teacher: str = _opt("", doc="the checkpoint it was tuned from")
+    sigma_min: float = _opt(0.002, low=0.0, high=10.0, doc="the boundary f(x, sigma_min) = x")
+    sigma_max: float = _opt(80.0, low=1e-3, high=1e5, doc="the noise level of the first step")
+    sigma_data: float = _opt(0.5, low=1e-3, high=100.0, doc="the preconditioning's data std")
+    mid_sigmas: tuple[float, ...] = _opt((), low=0.0, doc="the steps - 1 intermediate noise "
+                                         "levels of multistep sampling, descending; empty = 2 "
+                                         "steps ECT's 0.821, more EDM's rho = 7 spacing")
+    p_mean: float = _opt(-1.1, low=-20.0, high=20.0, doc="ECT: mean of ln t")
+    p_std: float = _opt(2.0, low=1e-3, high=20.0, doc="ECT: std of ln t")
+    q: float = _opt(2.0, low=1.0001, high=1e6, doc="ECT: Delta t shrinks by q every d steps")
+    d: int = _opt(0, low=0, high=100_000_000, doc="ECT: steps per stage; 0 = train.steps / 8")
+    k: float = _opt(8.0, low=0.0, high=1e3, doc="ECT: n(t) = 1 + k sigmoid(-b t)")
+    b: float = _opt(1.0, low=0.0, high=1e3, doc="ECT: n(t) = 1 + k sigmoid(-b t)")
+    c: float = _opt(0.0, low=0.0, high=1e3, doc="ECT: 0 = L2 norm, > 0 = pseudo-Huber")
+
+
 @dataclass
 class Config:
     data: DataConfig = field(default_factory=DataConfig)
@@ -241,6 +270,7 @@ class Config:
     diffusion: DiffusionConfig = field(default_factory=DiffusionConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     sample: SampleConfig = field(default_factory=SampleConfig)
+    consistency: ConsistencyConfig = field(default_factory=ConsistencyConfig)
 
     def to_dict(self) -> dict[str, dict[str, Any]]:
         """Plain dict of plain values (tuples as lists), ready for YAML or JSON."""
@@ -250,7 +280,7 @@ class Config:
 
 
 SECTIONS: dict[str, type] = {"data": DataConfig, "model": ModelConfig, "diffusion": DiffusionConfig,
-            "train": TrainConfig, "sample": SampleConfig}
+            "train": TrainConfig, "sample": SampleConfig, "consistency": ConsistencyConfig}
 
 
 def all_keys() -> list[str]:
@@ -499,9 +529,22 @@ def _check_consistency(cfg: Config) -> None:
     if interval and (len(interval) != 2 or interval[0] >= interval[1]):
         raise ConfigError(f"config key 'sample.guidance_interval' must be two noise levels "
                           f"sigma_lo,sigma_hi with sigma_lo < sigma_hi; got {list(interval)}")
+    _check_sampler_kind(cfg)
     if cfg.sample.steps > cfg.diffusion.timesteps:
         raise ConfigError(f"config key 'sample.steps' ({cfg.sample.steps}) must be at most "
                           f"diffusion.timesteps ({cfg.diffusion.timesteps})")
+
+
+def _check_sampler_kind(cfg: Config) -> None:
+    """A consistency model samples with the consistency sampler, a diffusion model never."""
+    consistency_model = cfg.consistency.method != "none"
+    if consistency_model and cfg.sample.sampler != CONSISTENCY_SAMPLER:
+        raise ConfigError(f"this is a consistency model, which samples with its own multistep "
+                          f"sampler, not the diffusion sampler '{cfg.sample.sampler}'; drop "
+                          f"--sampler and choose --steps 1, 2 or 4")
+    if not consistency_model and cfg.sample.sampler == CONSISTENCY_SAMPLER:
+        raise ConfigError("sampler 'consistency' needs a consistency model; tune one from this "
+                          "checkpoint with pixeldiffusion distill, or pick a diffusion sampler")
 
 
 def _check_formulation(d: DiffusionConfig) -> None:

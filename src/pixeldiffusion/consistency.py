@@ -28,7 +28,10 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from .diffusion import x0_eps_from_output
 from .errors import ConfigError
+from .formulations import VPBridge, edm_scalings
+from .schedule import sigma_of, timestep_of_sigma
 
 SIGMA_MIN = 0.002  # Song et al. 2023's epsilon, EDM's sigma_min
 SIGMA_MAX = 80.0  # Song et al. 2023 / EDM / ECT's t_max
@@ -93,6 +96,73 @@ class ConsistencyFunction:
                                                                   self.sigma_data))
         F_x = self.net(c_in * x, c_noise.flatten(), y=y).to(x.dtype)
         return c_skip * x + c_out * F_x  # Song et al. 2023: f = c_skip x + c_out F
+
+
+# --- Any teacher as an EDM raw network ---------------------------------------------------------
+
+
+def teacher_denoiser(net: RawNet, bridge: VPBridge) -> Callable[..., Tensor]:
+    """The teacher's x0 estimate as EDM's denoiser ``D(x, sigma, y=None)``, whatever its
+    formulation: x = x0 + sigma eps [N, C, H, W], sigma [N] > 0; returns [N, C, H, W].
+
+    The bridge (formulations.py) gives the teacher as ``model(x_t, t, y)`` over its VP table:
+    x_t = x / sqrt(1 + sigma^2) (the VP point of EDM's x at sigma), t = the table's timestep of
+    sigma (``schedule.timestep_of_sigma``, fractional), then x0 from the model's prediction with
+    abar = 1 / (1 + sigma^2). A sigma beyond the table's range gets the nearest end's timestep
+    (timestep_of_sigma clamps; x_t keeps its own scaling), so the teacher is never asked about a
+    timestep it did not learn.
+    """
+    table = bridge.alphas_cumprod.detach().double().cpu()
+    model = bridge.wrap(net)
+
+    def D(x: Tensor, sigma: Tensor, y: Tensor | None = None) -> Tensor:
+        sigma = sigma.reshape(-1).to(x.dtype)
+        t = timestep_of_sigma(table, sigma.detach().double().cpu())
+        abar = (1 / (1 + sigma**2)).reshape(-1, 1, 1, 1)  # VP: sigma^2 = (1 - abar) / abar
+        x_t = x * abar.sqrt()
+        output = model(x_t, t.to(x.device, x.dtype), y=y).to(x.dtype)
+        return x0_eps_from_output(bridge.prediction, output, x_t, abar)[0]
+    return D
+
+
+def highest_sigma(bridge: VPBridge) -> float:
+    """EDM's sigma at the noisy end of the teacher's VP table (DDPM's linear T = 1000: ~157)."""
+    return float(sigma_of(bridge.alphas_cumprod[-1]))
+
+
+class EDMRawNetwork:
+    """A teacher of any formulation as EDM's raw network F (Karras et al. 2022, eq. 7 solved for
+    F): F(c_in x, c_noise, y) = (D(x; sigma) - c_skip x) / c_out, with sigma = exp(4 c_noise)
+    and EDM's c_skip, c_out, c_in of sigma_data. So ``ConsistencyFunction(EDMRawNetwork(...))``
+    starts within O(sigma_min / sigma_data) of the teacher's own denoiser, as ECT's student of
+    an EDM teacher does; for an EDM teacher F is the teacher's network itself (up to rounding).
+
+    net: the network as its formulation calls it (the UNet being tuned); bridge: the teacher's
+    ``formulations.bridge_for``. Called as ``F(x_in [N, C, H, W], c_noise [N], y=None)``.
+    """
+
+    def __init__(self, net: RawNet, bridge: VPBridge, sigma_data: float = SIGMA_DATA) -> None:
+        self.net, self.sigma_data = net, sigma_data
+        self.denoise = teacher_denoiser(net, bridge)
+
+    @property
+    def null_class(self) -> int:
+        """The network's "no class" label (for guided_model)."""
+        return int(self.net.null_class)  # type: ignore[attr-defined]
+
+    def __call__(self, x_in: Tensor, c_noise: Tensor, y: Tensor | None = None) -> Tensor:
+        sigma = (4 * c_noise).exp().to(x_in.dtype)  # EDM: c_noise = ln(sigma) / 4
+        c_skip, c_out, c_in, _ = (c.reshape(-1, 1, 1, 1)
+                                  for c in edm_scalings(sigma, self.sigma_data))
+        x = x_in / c_in
+        return (self.denoise(x, sigma, y=y) - c_skip * x) / c_out  # EDM eq. 7 solved for F
+
+
+def student_function(net: RawNet, bridge: VPBridge, *, sigma_min: float = SIGMA_MIN,
+                     sigma_data: float = SIGMA_DATA) -> ConsistencyFunction:
+    """The consistency function f(x, sigma, y) of a network tuned from a teacher with ``bridge``
+    (``pixeldiffusion distill``): ``ConsistencyFunction`` around ``EDMRawNetwork``."""
+    return ConsistencyFunction(EDMRawNetwork(net, bridge, sigma_data), sigma_min, sigma_data)
 
 
 # --- Easy Consistency Tuning (Geng et al. 2024) -------------------------------------------------
@@ -193,6 +263,8 @@ class ECTLoss:
     Defaults are ECT's for CIFAR-10 (locuslab/ect, run_ecm.sh: batch 128, 200k steps):
     P_mean -1.1, P_std 2.0, q 2, d 25,000 steps (Delta t halves 8 times), k 8, b 1, c 0
     (adaptive L2 with p = 1/2). A shorter run halves Delta t as often with d = steps / 8.
+    ``sigma_max``, if given, clamps t to the highest noise level the model samples from: a
+    teacher whose schedule ends below ECT's tail of t (a short DDPM table) is not asked beyond it.
     """
 
     sigma_min: float = SIGMA_MIN
@@ -204,6 +276,7 @@ class ECTLoss:
     k: float = 8.0
     b: float = 1.0
     c: float = 0.0
+    sigma_max: float | None = None
 
     def __post_init__(self) -> None:
         checks = [("sigma_min", self.sigma_min >= 0, "at least 0, e.g. 0.002"),
@@ -229,6 +302,8 @@ class ECTLoss:
                  y: Tensor | None = None, step: int = 0) -> Tensor:
         t = ect_sample_t(x0.shape[0], self.P_mean, self.P_std, generator=generator,
                          device=x0.device, dtype=x0.dtype)
+        if self.sigma_max is not None:
+            t = t.clamp(max=self.sigma_max)
         eps = torch.randn(x0.shape, generator=generator, device=x0.device, dtype=x0.dtype)
         losses = ect_pair_loss(self.consistency_function(net), x0, eps, t, self.r(t, step),
                                y=y, c=self.c, sigma_min=self.sigma_min)
@@ -251,15 +326,16 @@ def consistency_sigmas(steps: int, *, sigma_max: float = SIGMA_MAX, sigma_min: f
 
     mid_sigmas: the steps - 1 intermediate levels, descending, each in (sigma_min, sigma_max).
         None takes the defaults: ECT's 0.821 for 2 steps (tuned on CIFAR-10 with sigma_max 80;
-        ECT uses 1.526 on ImageNet 64); for more steps, which the paper does not tune, EDM's
-        rho = 7 spacing between sigma_max and sigma_min without its last point (4 steps:
-        80, 17.5, 2.52, 0.17).
+        ECT uses 1.526 on ImageNet 64); for more steps, which the paper does not tune, and for
+        2 steps below a sigma_max of 0.821 (a teacher with a short schedule), EDM's rho = 7
+        spacing between sigma_max and sigma_min without its last point (4 steps: 80, 17.5,
+        2.52, 0.17).
     """
     if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
         raise ValueError(f"a consistency model samples in 1 or more steps (1, 2 or 4 are usual); "
                          f"got steps={steps!r}")
     if mid_sigmas is None:
-        if steps == 2:
+        if steps == 2 and ECT_MID_SIGMA < sigma_max:
             mid_sigmas = [ECT_MID_SIGMA]
         else:
             mid_sigmas = _karras_sigmas(steps + 1, sigma_max, sigma_min)[1:-1]

@@ -254,7 +254,10 @@ def check_sampler(name: str) -> None:
     """samplers.check_sampler's message as a PixelDiffusionError, which also names
     ``sampler=all``, the sweep's spelling of every sampler."""
     from . import samplers
+    from .config import CONSISTENCY_SAMPLER
 
+    if name == CONSISTENCY_SAMPLER:  # the config's own check ties it to consistency models
+        return
     try:
         samplers.check_sampler(name)
     except ValueError as err:

@@ -12,12 +12,12 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from .config import Config, SampleConfig, from_dict
+from .config import CONSISTENCY_SAMPLER, Config, SampleConfig, from_dict
 from .device import conv_width, make_generator, resolve_precision, use_fast_kernels
 from .errors import PixelDiffusionError
 from .files import atomic_write
 from .formulations import VPBridge, bridge_for
-from .guidance import guided_network, sampling_labels
+from .guidance import guided_model, guided_network, sampling_labels
 from .images import atomic_save, make_grid, save_gif, to_pil, to_uint8
 from .optimal_steps import calibrated_timesteps
 from .optimal_steps import check_steps as check_optimal_steps
@@ -105,6 +105,14 @@ def generate(model: torch.nn.Module, cfg: Config, device: torch.device, *,
     """
     if mode not in MODES:
         raise ValueError(f"unknown mode '{mode}'; use one of {MODES}")
+    if cfg.sample.sampler == CONSISTENCY_SAMPLER:
+        if guidance_model is not None:
+            raise PixelDiffusionError("--guidance_model (autoguidance) guides a diffusion model's "
+                                      "denoiser; a consistency model takes --guidance with "
+                                      "--class only")
+        return generate_consistency(model, cfg, device, mode=mode, micro_batch=micro_batch,
+                                    interval=interval, guidance=guidance,
+                                    class_label=class_label, callback=callback)
     s = cfg.sample
     micro_batch = micro_batch or s.batch_size
     interval = interval or max(1, s.steps // 10)
@@ -159,6 +167,60 @@ def generate(model: torch.nn.Module, cfg: Config, device: torch.device, *,
         if mode != "sample":
             frames.append(torch.stack([*chunk, x0], dim=1))
     return Generated(torch.cat(images), torch.cat(frames) if frames else None, labels, timesteps)
+
+
+def generate_consistency(model: torch.nn.Module, cfg: Config, device: torch.device, *,
+                         mode: str = "sample", micro_batch: int | None = None,
+                         interval: int | None = None, guidance: float | None = None,
+                         class_label: str | int | None = None,
+                         callback: Callable[[dict[str, Any]], None] | None = None) -> Generated:
+    """``generate`` for a consistency model (``cfg.consistency``, made by ``pixeldiffusion
+    distill``): multistep consistency sampling (Song et al. 2023, Alg. 1) in ``cfg.sample.steps``
+    calls at ``consistency.consistency_sigmas``, from the same noise images ``generate`` draws,
+    with classifier-free guidance wrapped around f. Frames and ``callback`` get x_t in the
+    samplers' VP scaling, x / sqrt(1 + sigma^2), and t = sigma."""
+    from .consistency import consistency_sample, consistency_sigmas, student_function
+    from .formulations import bridge_for
+
+    s, c = cfg.sample, cfg.consistency
+    if c.method == "none":
+        raise PixelDiffusionError("sampler 'consistency' needs a consistency model; tune one "
+                                  "with pixeldiffusion distill, or pick a diffusion sampler")
+    try:
+        sigmas = consistency_sigmas(s.steps, sigma_max=c.sigma_max, sigma_min=c.sigma_min,
+                                    mid_sigmas=c.mid_sigmas or None)
+    except ValueError as err:
+        raise PixelDiffusionError(f"{err} (config key consistency.mid_sigmas)") from None
+    micro_batch, interval = micro_batch or s.batch_size, interval or 1
+    fast = sampling_network(model, device, precision=s.precision, compile=s.compile)
+    f = student_function(fast, bridge_for(cfg.diffusion), sigma_min=c.sigma_min,
+                         sigma_data=c.sigma_data)
+    labels, w = sampling_labels(cfg, guidance, class_label)
+    n_samples = s.n_samples if labels is None else len(labels)
+    shape = (cfg.data.channels, cfg.data.image_size, cfg.data.image_size)
+    generator = make_generator(device, s.seed)
+    images, frames, chunk = [], [], []
+
+    def record(info: dict[str, Any]) -> None:
+        info = {**info, "x_t": info["x_t"] / (1 + info["t"] ** 2) ** 0.5}  # VP scaling
+        if callback is not None:
+            callback({**info, "start": start})
+        if mode != "sample" and info["i"] % interval == 0:
+            chunk.append((info["x_t"] if mode == "denoise" else info["x0"]).float().cpu())
+
+    for start in range(0, n_samples, micro_batch):
+        chunk.clear()
+        z = torch.randn((min(micro_batch, n_samples - start), *shape), generator=generator,
+                        device=device)
+        f_batch = f if labels is None else guided_model(
+            f, labels[start:start + len(z)], w, null_class=cfg.model.num_classes)
+        x0 = consistency_sample(f_batch, z, sigmas, sigma_min=c.sigma_min, generator=generator,
+                                callback=record).float()
+        x0 = (x0.clamp(-1, 1) if s.clip_x0 else x0).cpu()
+        images.append(x0)
+        if mode != "sample":
+            frames.append(torch.stack([*chunk, x0], dim=1))
+    return Generated(torch.cat(images), torch.cat(frames) if frames else None, labels)
 
 
 def _fit_optimal(model: Callable[..., Tensor], cfg: Config, x_T: Tensor, labels: Tensor | None,

@@ -56,7 +56,7 @@ from .checkpoint import (
     read_metadata,
     resolve_weights_path,
 )
-from .config import Config, from_dict
+from .config import CONSISTENCY_SAMPLER, Config, from_dict
 from .device import precision_rule
 from .errors import PixelDiffusionError, did_you_mean
 from .generate import generate
@@ -234,7 +234,11 @@ def parse_request(body: Any, entries: Sequence[Entry], limits: Limits) -> Reques
     s, m = cfg.sample, cfg.model
 
     sampler = body.get("sampler") or s.sampler
-    if not isinstance(sampler, str) or sampler not in SAMPLERS:
+    if cfg.consistency.method != "none" and sampler != CONSISTENCY_SAMPLER:
+        raise RequestError(f"{_echo(name)} is a consistency model; it samples with sampler "
+                           f"consistency in 1, 2 or 4 steps, not {_echo(sampler)}")
+    if cfg.consistency.method == "none" and (not isinstance(sampler, str)
+                                             or sampler not in SAMPLERS):
         raise RequestError(f"unknown sampler {_echo(sampler)}; use one of "
                            f"{', '.join(SAMPLERS)}")
     T = cfg.diffusion.timesteps

@@ -1,0 +1,155 @@
+"""Few-step generation: a consistency model tuned from a teacher (``pixeldiffusion distill``)
+against the teacher's best training-free sampler at the same number of model calls.
+
+    python benchmarks/few_step.py runs/digits                       # 20 core-minutes, 5,000 images
+    python benchmarks/few_step.py runs/digits --minutes 0.2 --samples 100   # a smoke test
+
+Everything runs on one core with one thread (``--core``, taskset-style affinity plus
+torch.set_num_threads(1)), so a minute is a core-minute:
+
+* tuned: ``pixeldiffusion distill -cp TEACHER`` for ``--minutes`` of wall clock, then SIGINT (the
+  run saves its current step, the documented Ctrl-C behaviour). Defaults are ECT's short-run
+  recipe (Geng et al. 2024: q = 256 with no stage change, i.e. ``--consistency.q 256
+  --consistency.d 100000000``) unless ``--distill`` overrides set them; sampled at ``--steps``
+  (1, 2, 4) from the EMA weights.
+* teacher: every ``--teacher_samplers`` SAMPLER:SPACING at each ``--nfe`` (1, 2, 4, 10, 20 model
+  calls); the table keeps the best digit-FID per NFE and names its sampler.
+* floor: held-out real digits (never seen by the digit classifier), as many as the samples.
+
+Each setting draws ``--samples`` images (seed 0), scored by ``evaluate.score`` with the offline
+digit extractor against the 4,000 held-in built-in digits; images per second is the sampling
+throughput on that one core. Prints one table and writes ``--out``/same_noise.png: the same
+noise through the teacher at 2 calls and the tuned model at 1 and 2 steps, one row each.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shlex
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from pixeldiffusion import evaluate
+from pixeldiffusion.checkpoint import load_checkpoint
+from pixeldiffusion.config import Config, from_dict
+from pixeldiffusion.digit_classifier import builtin_digits
+from pixeldiffusion.features import digit_extractor
+from pixeldiffusion.generate import generate
+from pixeldiffusion.image_sets import Images
+from pixeldiffusion.images import save_grid
+from pixeldiffusion.reference import reference_features
+from pixeldiffusion.samplers import nfe_of
+
+REPO = Path(__file__).resolve().parents[1]
+DEVICE = torch.device("cpu")
+ECT_SHORT = ["--consistency.q", "256", "--consistency.d", "100000000"]
+
+
+def pin(core: int) -> None:
+    """Run this process (and its children) on one core with one thread."""
+    os.sched_setaffinity(0, {core})
+    os.environ["OMP_NUM_THREADS"] = "1"
+    torch.set_num_threads(1)
+
+
+def tune(teacher: str, minutes: float, run_dir: Path, overrides: list[str]) -> tuple[Path, int]:
+    """``pixeldiffusion distill`` for ``minutes`` of wall clock; (checkpoint, optimizer steps)."""
+    given = {o for o in overrides if o.startswith("--")}
+    defaults = [a for k, v in zip(ECT_SHORT[::2], ECT_SHORT[1::2], strict=True)
+                if k not in given for a in (k, v)]
+    command = [sys.executable, "-m", "pixeldiffusion", "distill", "-cp", teacher, "-e",
+               str(run_dir), "--no_progress", "--train.eval_samples", "0",
+               "--train.sample_every", "0", "--train.save_every", "0", *defaults, *overrides]
+    if "--train.steps" not in given:
+        command += ["--train.steps", "100000000"]
+    process = subprocess.Popen(command, cwd=REPO)
+    try:
+        process.wait(timeout=minutes * 60)
+    except subprocess.TimeoutExpired:
+        process.send_signal(signal.SIGINT)
+        process.wait()
+    loaded = load_checkpoint(run_dir)
+    return loaded.path, loaded.step
+
+
+def draw(model: torch.nn.Module, cfg: Config, n: int, **sample: object) -> tuple[torch.Tensor,
+                                                                                  float]:
+    """n images (seed 0) with the sample-section values ``sample``; (images, images/second)."""
+    cfg = from_dict({"sample": {"n_samples": n, "batch_size": 250, "seed": 0, **sample}},
+                    base=cfg)
+    start = time.perf_counter()
+    images = generate(model, cfg, DEVICE).images
+    return images, n / (time.perf_counter() - start)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("teacher", help="the teacher checkpoint (run directory or file)")
+    parser.add_argument("--minutes", type=float, default=20.0, help="core-minutes of tuning")
+    parser.add_argument("--samples", type=int, default=5000, help="images per setting")
+    parser.add_argument("--steps", default="1,2,4", help="the tuned model's steps")
+    parser.add_argument("--nfe", default="1,2,4,10,20", help="the teacher's model calls")
+    parser.add_argument("--teacher_samplers", default="dpmpp_2m:logsnr,unipc:logsnr,ddim:uniform",
+                        help="SAMPLER:SPACING pairs tried for the teacher")
+    parser.add_argument("--distill", default="", help="extra distill overrides, quoted")
+    parser.add_argument("--core", type=int, default=0, help="the one core to run on")
+    parser.add_argument("--out", type=Path, default=Path("few_step"))
+    args = parser.parse_args()
+    pin(args.core)
+    args.out.mkdir(parents=True, exist_ok=True)
+
+    extractor = digit_extractor()
+    reference = reference_features("digits", extractor, resolution=32, channels=1)
+
+    def digit_fid(x: torch.Tensor) -> float:
+        return evaluate.score(Images(x, None, ""), reference, extractor,
+                              kid_subsets=10)[0]["digit_fid"]
+
+    held_out, _ = builtin_digits("heldout")  # sorted by class: take a random subset
+    held_out = held_out[torch.randperm(len(held_out), generator=torch.Generator().manual_seed(0))]
+    rows = [("held-out real digits (floor)", "", digit_fid(held_out[:args.samples]), "")]
+
+    checkpoint, steps = tune(args.teacher, args.minutes, args.out / "tuned",
+                             shlex.split(args.distill))
+    student = load_checkpoint(checkpoint)
+    teacher = load_checkpoint(args.teacher)
+    pictures = {}
+    for n_steps in (int(s) for s in args.steps.split(",")):
+        images, speed = draw(student.model, student.config, args.samples, steps=n_steps)
+        pictures[f"tuned {n_steps}"] = images[:8]
+        rows.append((f"tuned ({steps} steps of ECT), {n_steps} step(s)", n_steps,
+                     digit_fid(images), f"{speed:.0f}"))
+    for nfe in (int(s) for s in args.nfe.split(",")):
+        best = None
+        for pair in args.teacher_samplers.split(","):
+            sampler, spacing = pair.split(":")
+            if nfe_of(sampler, nfe) != nfe:
+                continue
+            images, speed = draw(teacher.model, teacher.config, args.samples, sampler=sampler,
+                                 steps=nfe, spacing=spacing, eta=None)
+            fid = digit_fid(images)
+            if best is None or fid < best[0]:
+                best = (fid, f"teacher, {sampler} {spacing}", speed, images[:8])
+        if best is not None:
+            rows.append((best[1], nfe, best[0], f"{best[2]:.0f}"))
+            pictures[f"teacher {nfe}"] = best[3]
+
+    print(f"Few-step digits: {args.samples} samples per row, one core "
+          f"({os.cpu_count()} on the machine), {args.minutes:g} minutes of tuning\n")
+    print("| model | NFE | digit-FID | images/s |\n|---|---:|---:|---:|")
+    for name, nfe, fid, speed in rows:
+        print(f"| {name} | {nfe} | {fid:.2f} | {speed} |")
+    chosen = [pictures[k] for k in ("teacher 2", "tuned 1", "tuned 2") if k in pictures]
+    if chosen:
+        grid = save_grid(torch.cat(chosen), args.out / "same_noise.png", nrow=8)
+        print(f"\nrows: teacher at 2 calls, tuned at 1 and 2 steps (same noise): {grid}")
+
+
+if __name__ == "__main__":
+    main()
