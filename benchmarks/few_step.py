@@ -80,9 +80,12 @@ def tune(teacher: str, minutes: float, run_dir: Path, overrides: list[str]) -> t
 
 def draw(model: torch.nn.Module, cfg: Config, n: int, **sample: object) -> tuple[torch.Tensor,
                                                                                   float]:
-    """n images (seed 0) with the sample-section values ``sample``; (images, images/second)."""
-    cfg = from_dict({"sample": {"n_samples": n, "batch_size": 250, "seed": 0, **sample}},
-                    base=cfg)
+    """n images (seed 0) with the sample-section values ``sample``; (images, images/second).
+    A class-conditional model draws a random digit per image at w = 1, so that the metric sees
+    the whole distribution whatever rows its own grid shows."""
+    labels = {"class_label": "random", "guidance": 1.0} if cfg.model.num_classes else {}
+    cfg = from_dict({"sample": {"n_samples": n, "batch_size": 250, "seed": 0, **labels,
+                                **sample}}, base=cfg)
     start = time.perf_counter()
     images = generate(model, cfg, DEVICE).images
     return images, n / (time.perf_counter() - start)
