@@ -119,22 +119,13 @@ def generate(model: torch.nn.Module, cfg: Config, device: torch.device, *,
     bridge = bridge_for(cfg.diffusion)
     alphas_cumprod = bridge.alphas_cumprod
     generator = make_generator(device, s.seed)
-    spacing = s.spacing or default_spacing(s.sampler)
+    spacing = _checked_spacing(s, alphas_cumprod)
     optimal = spacing == "optimal"  # fitted to this model below, once, before the first batch
-    try:  # a bad sampler or spacing is the user's: one clear sentence, before any model call
-        check_sampler(s.sampler)
-        if optimal:
-            check_optimal_steps(len(alphas_cumprod), s.steps)
-        else:
-            sampling_timesteps(len(alphas_cumprod), s.steps, spacing, alphas_cumprod)
-    except ValueError as err:
-        raise PixelDiffusionError(str(err)) from None
     options = sampler_options(s)
     shape = (cfg.data.channels, cfg.data.image_size, cfg.data.image_size)
-    fast = bridge.wrap(sampling_network(model, device, precision=s.precision, compile=s.compile))
     # the guide is wrapped like the model: autoguidance mixes two denoisers of one formulation
-    guide = None if guidance_model is None else bridge.wrap(sampling_network(
-        guidance_model, device, precision=s.precision, compile=s.compile))
+    fast, guide = (None if net is None else bridge.wrap(sampling_network(
+        net, device, precision=s.precision, compile=s.compile)) for net in (model, guidance_model))
     labels, w = sampling_labels(cfg, guidance, class_label, autoguidance=guide is not None)
     n_samples = s.n_samples if labels is None else len(labels)
     images, frames = [], []
@@ -221,6 +212,21 @@ def generate_consistency(model: torch.nn.Module, cfg: Config, device: torch.devi
         if mode != "sample":
             frames.append(torch.stack([*chunk, x0], dim=1))
     return Generated(torch.cat(images), torch.cat(frames) if frames else None, labels)
+
+
+def _checked_spacing(s: SampleConfig, alphas_cumprod: Tensor) -> str:
+    """The spacing ``s`` samples with (the sampler's own when unset). The sampler, spacing and
+    steps are checked here, before any model call: a bad one is the user's, one clear sentence."""
+    spacing = s.spacing or default_spacing(s.sampler)
+    try:
+        check_sampler(s.sampler)
+        if spacing == "optimal":
+            check_optimal_steps(len(alphas_cumprod), s.steps)
+        else:
+            sampling_timesteps(len(alphas_cumprod), s.steps, spacing, alphas_cumprod)
+    except ValueError as err:
+        raise PixelDiffusionError(str(err)) from None
+    return spacing
 
 
 def _fit_optimal(model: Callable[..., Tensor], cfg: Config, x_T: Tensor, labels: Tensor | None,
