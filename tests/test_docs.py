@@ -122,8 +122,8 @@ def test_every_shown_command_parses(page, command, monkeypatch):
     """The flags exist, take the values shown, and config overrides name real keys."""
     monkeypatch.chdir(REPO)
     args, extra = cli._parser().parse_known_args(shlex.split(command))
-    if args.command == "train":
-        load_config(args.config, extra)
+    if args.command in ("train", "distill"):  # both take --section.key overrides
+        load_config(getattr(args, "config", None), extra)
     elif args.command == "eval":
         assert all(word.startswith("--sample.") for word in extra[::2]), extra
         load_config(None, extra)
