@@ -34,16 +34,12 @@ import time
 from pathlib import Path
 
 import torch
+from digits_score import digit_fid_scorer, held_out_digits
 
-from pixeldiffusion import evaluate
 from pixeldiffusion.checkpoint import load_checkpoint
 from pixeldiffusion.config import Config, from_dict
-from pixeldiffusion.digit_classifier import builtin_digits
-from pixeldiffusion.features import digit_extractor
 from pixeldiffusion.generate import generate
-from pixeldiffusion.image_sets import Images
 from pixeldiffusion.images import save_grid
-from pixeldiffusion.reference import reference_features
 from pixeldiffusion.samplers import nfe_of
 
 REPO = Path(__file__).resolve().parents[1]
@@ -107,15 +103,8 @@ def main() -> None:
     pin(args.core)
     args.out.mkdir(parents=True, exist_ok=True)
 
-    extractor = digit_extractor()
-    reference = reference_features("digits", extractor, resolution=32, channels=1)
-
-    def digit_fid(x: torch.Tensor) -> float:
-        return evaluate.score(Images(x, None, ""), reference, extractor,
-                              kid_subsets=10)[0]["digit_fid"]
-
-    held_out, _ = builtin_digits("heldout")  # sorted by class: take a random subset
-    held_out = held_out[torch.randperm(len(held_out), generator=torch.Generator().manual_seed(0))]
+    digit_fid, _ = digit_fid_scorer()
+    held_out = held_out_digits()
     rows = [("held-out real digits (floor)", "", digit_fid(held_out[:args.samples]), "")]
 
     checkpoint, steps = tune(args.teacher, args.minutes, args.out / "tuned",

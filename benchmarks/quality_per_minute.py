@@ -54,17 +54,14 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
+from digits_score import digit_fid_scorer, held_out_digits
 from PIL import Image
 
-from pixeldiffusion import evaluate
 from pixeldiffusion.checkpoint import load_checkpoint
 from pixeldiffusion.config import Config, load_config
 from pixeldiffusion.digit_classifier import builtin_digits
-from pixeldiffusion.features import digit_extractor
 from pixeldiffusion.generate import generate
-from pixeldiffusion.image_sets import Images
 from pixeldiffusion.images import save_grid
-from pixeldiffusion.reference import reference_features
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -247,15 +244,8 @@ def main() -> None:
     if args.cores == 2:
         pin(args.core)
 
-    extractor = digit_extractor()
-    reference = reference_features("digits", extractor, resolution=32, channels=1)
-
-    def digit_fid(x: torch.Tensor) -> float:
-        return evaluate.score(Images(x, None, ""), reference, extractor,
-                              kid_subsets=10)[0]["digit_fid"]
-
-    held_out, _ = builtin_digits("heldout")  # sorted by class: take a random subset
-    held_out = held_out[torch.randperm(len(held_out), generator=torch.Generator().manual_seed(0))]
+    digit_fid, extractor_description = digit_fid_scorer()
+    held_out = held_out_digits()
     floor = digit_fid(held_out[:args.samples])
     rows = [("held-out real digits (floor)", "", "", floor)]
     grids = [save_grid(held_out[:64], out / "real.png")]
@@ -287,7 +277,7 @@ def main() -> None:
     print(f"\n{_machine()}")
     print(f"{os.cpu_count()} CPU(s) ({cores}), torch {torch.__version__}; {args.samples} "
           f"samples per row, digit-FID vs the 4,000 held-in built-in digits "
-          f"({extractor.description})")
+          f"({extractor_description})")
     print("| recipe | minutes | optimizer steps | digit-FID | x floor |\n|---|---:|---:|---:|---:|")
     for name, minutes, steps, value in rows:
         print(f"| {name} | {minutes} | {steps} | {value:.2f} | {value / floor:.1f} |")

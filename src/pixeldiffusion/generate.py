@@ -129,17 +129,10 @@ def generate(model: torch.nn.Module, cfg: Config, device: torch.device, *,
     labels, w = sampling_labels(cfg, guidance, class_label, autoguidance=guide is not None)
     n_samples = s.n_samples if labels is None else len(labels)
     images, frames = [], []
-    chunk: list[Tensor] = []
     timesteps: Tensor | None = None
-
-    def record(info: dict[str, Any]) -> None:
-        if callback is not None:
-            callback({**info, "start": start})
-        if mode != "sample" and info["i"] % interval == 0:
-            chunk.append((info["x_t"] if mode == "denoise" else info["x0"]).float().cpu())
-
+    record = _Frames(mode, interval, callback)
     for start in range(0, n_samples, micro_batch):
-        chunk.clear()
+        record.batch(start)
         x_T = torch.randn((min(micro_batch, n_samples - start), *shape),
                           generator=generator, device=device)
         net = guided_network(
@@ -156,7 +149,7 @@ def generate(model: torch.nn.Module, cfg: Config, device: torch.device, *,
                     **options).float().cpu()
         images.append(x0)
         if mode != "sample":
-            frames.append(torch.stack([*chunk, x0], dim=1))
+            frames.append(record.frames_ending_with(x0))
     return Generated(torch.cat(images), torch.cat(frames) if frames else None, labels, timesteps)
 
 
@@ -190,17 +183,10 @@ def generate_consistency(model: torch.nn.Module, cfg: Config, device: torch.devi
     n_samples = s.n_samples if labels is None else len(labels)
     shape = (cfg.data.channels, cfg.data.image_size, cfg.data.image_size)
     generator = make_generator(device, s.seed)
-    images, frames, chunk = [], [], []
-
-    def record(info: dict[str, Any]) -> None:
-        info = {**info, "x_t": info["x_t"] / (1 + info["t"] ** 2) ** 0.5}  # VP scaling
-        if callback is not None:
-            callback({**info, "start": start})
-        if mode != "sample" and info["i"] % interval == 0:
-            chunk.append((info["x_t"] if mode == "denoise" else info["x0"]).float().cpu())
-
+    images, frames = [], []
+    record = _Frames(mode, interval, callback, vp_scale=True)
     for start in range(0, n_samples, micro_batch):
-        chunk.clear()
+        record.batch(start)
         z = torch.randn((min(micro_batch, n_samples - start), *shape), generator=generator,
                         device=device)
         f_batch = f if labels is None else guided_model(
@@ -210,8 +196,38 @@ def generate_consistency(model: torch.nn.Module, cfg: Config, device: torch.devi
         x0 = (x0.clamp(-1, 1) if s.clip_x0 else x0).cpu()
         images.append(x0)
         if mode != "sample":
-            frames.append(torch.stack([*chunk, x0], dim=1))
+            frames.append(record.frames_ending_with(x0))
     return Generated(torch.cat(images), torch.cat(frames) if frames else None, labels)
+
+
+class _Frames:
+    """The samplers' callback for one ``generate`` call: forwards each step's dict (plus "start",
+    the micro batch's first image index) to the caller's ``callback``, and keeps x_t ("denoise")
+    or the predicted x0 ("progressive") every ``interval`` steps of the current micro batch.
+    ``vp_scale``: x_t comes in EDM's scale (x0 + sigma eps, sigma = "t") and is shown divided by
+    sqrt(1 + sigma^2), as the VP samplers' x_t is."""
+
+    def __init__(self, mode: str, interval: int, callback: Callable[[dict[str, Any]], None] | None,
+                 *, vp_scale: bool = False) -> None:
+        self.mode, self.interval, self.callback, self.vp_scale = mode, interval, callback, vp_scale
+        self.start, self.chunk = 0, []
+
+    def batch(self, start: int) -> None:
+        """A new micro batch, whose first image is ``images[start]``."""
+        self.start, self.chunk = start, []
+
+    def __call__(self, info: dict[str, Any]) -> None:
+        if self.vp_scale:
+            info = {**info, "x_t": info["x_t"] / (1 + info["t"] ** 2) ** 0.5}
+        if self.callback is not None:
+            self.callback({**info, "start": self.start})
+        if self.mode != "sample" and info["i"] % self.interval == 0:
+            kept = info["x_t"] if self.mode == "denoise" else info["x0"]
+            self.chunk.append(kept.float().cpu())
+
+    def frames_ending_with(self, x0: Tensor) -> Tensor:
+        """The kept frames and the final ``x0``: [N, frames, C, H, W]."""
+        return torch.stack([*self.chunk, x0], dim=1)
 
 
 def _checked_spacing(s: SampleConfig, alphas_cumprod: Tensor) -> str:
