@@ -207,12 +207,24 @@ def _train(args: argparse.Namespace, overrides: list[str]) -> int:
     if args.device:
         overrides = [*overrides, "--train.device", args.device]
     cfg = load_config(config_path, overrides)
-    if cfg.consistency.method != "none":  # a distill run, resumed as its Ctrl-C message says
-        from .distill import tune
-        tune(cfg, args.exp_dir, resume=args.resume, progress=not args.no_progress)
-        return 0
-    train(cfg, args.exp_dir, resume=args.resume, progress=not args.no_progress)
+    try:
+        if cfg.consistency.method != "none":  # a distill run, resumed as its Ctrl-C message says
+            from .distill import tune
+            tune(cfg, args.exp_dir, resume=args.resume, progress=not args.no_progress)
+        else:
+            train(cfg, args.exp_dir, resume=args.resume, progress=not args.no_progress)
+    finally:
+        _end_process_group()
     return 0
+
+
+def _end_process_group() -> None:
+    """Under torchrun / accelerate launch: shut the process group down before the interpreter
+    exits, so that gloo's threads are not torn down mid-flight (an abort at exit otherwise)."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
 
 
 # the sample section's keys that ``pixeldiffusion sample`` takes as --KEY
