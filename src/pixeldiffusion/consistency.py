@@ -31,7 +31,7 @@ from torch import Tensor
 from .diffusion import x0_eps_from_output
 from .errors import ConfigError
 from .formulations import VPBridge, edm_scalings
-from .schedule import sigma_of, timestep_of_sigma
+from .schedule import karras_sigmas, sigma_of, timestep_of_sigma
 
 SIGMA_MIN = 0.002  # Song et al. 2023's epsilon, EDM's sigma_min
 SIGMA_MAX = 80.0  # Song et al. 2023 / EDM / ECT's t_max
@@ -313,13 +313,6 @@ class ECTLoss:
 # --- Multistep sampling (Song et al. 2023, Alg. 1) -----------------------------------------------
 
 
-def _karras_sigmas(n: int, sigma_max: float, sigma_min: float,
-                   rho: float = KARRAS_RHO) -> list[float]:
-    """n noise levels from sigma_max down to sigma_min, even in sigma^(1/rho) (EDM eq. 5)."""
-    inv_max, inv_min = sigma_max ** (1 / rho), sigma_min ** (1 / rho)
-    return [(inv_max + i / (n - 1) * (inv_min - inv_max)) ** rho for i in range(n)]
-
-
 def consistency_sigmas(steps: int, *, sigma_max: float = SIGMA_MAX, sigma_min: float = SIGMA_MIN,
                        mid_sigmas: Sequence[float] | None = None) -> list[float]:
     """The noise levels [sigma_max, sigma_1, ..., sigma_{steps-1}] of ``steps``-call sampling.
@@ -338,7 +331,7 @@ def consistency_sigmas(steps: int, *, sigma_max: float = SIGMA_MAX, sigma_min: f
         if steps == 2 and ECT_MID_SIGMA < sigma_max:
             mid_sigmas = [ECT_MID_SIGMA]
         else:
-            mid_sigmas = _karras_sigmas(steps + 1, sigma_max, sigma_min)[1:-1]
+            mid_sigmas = karras_sigmas(steps + 1, sigma_max, sigma_min, KARRAS_RHO)[1:-1].tolist()
     mids = [float(s) for s in mid_sigmas]
     if len(mids) != steps - 1:
         raise ValueError(f"{steps}-step sampling takes {steps - 1} intermediate sigmas; got "

@@ -150,6 +150,14 @@ def _explicit(spacing: str | Sequence[float] | Tensor) -> Tensor | None:
     return seq.long() if bool((seq == seq.round()).all()) else seq
 
 
+def karras_sigmas(n: int, sigma_max: float, sigma_min: float, rho: float = 7.0) -> np.ndarray:
+    """n noise levels from sigma_max down to sigma_min, even in sigma^(1/rho) (EDM eq. 5),
+    float64 [n]."""
+    ramp = np.linspace(0, 1, n)
+    inv_rho_min, inv_rho_max = sigma_min ** (1 / rho), sigma_max ** (1 / rho)
+    return (inv_rho_max + ramp * (inv_rho_min - inv_rho_max)) ** rho
+
+
 def sampling_timesteps(T: int, steps: int, spacing: str | Sequence[float] | Tensor = "uniform",
                        alphas_cumprod: Tensor | None = None, *, rho: float = 7.0) -> Tensor:
     """The exact descending sequence of timesteps a sampler calls the model at, shape [steps].
@@ -199,9 +207,8 @@ def sampling_timesteps(T: int, steps: int, spacing: str | Sequence[float] | Tens
         sigmas = sigma_of(alphas_cumprod)
         sigma_min, sigma_max = float(sigmas[0]), float(sigmas[-1])
         ramp = np.linspace(0, 1, steps)
-        if spacing == "karras":  # EDM eq. 5
-            inv_rho_min, inv_rho_max = sigma_min ** (1 / rho), sigma_max ** (1 / rho)
-            sigma = (inv_rho_max + ramp * (inv_rho_min - inv_rho_max)) ** rho
+        if spacing == "karras":
+            sigma = karras_sigmas(steps, sigma_max, sigma_min, rho)
         else:  # uniform in lambda_ = -log(sigma)
             sigma = np.exp(np.log(sigma_max) + ramp * (np.log(sigma_min) - np.log(sigma_max)))
         seq = timestep_of_sigma(alphas_cumprod, torch.from_numpy(sigma))
