@@ -15,6 +15,7 @@ from pixeldiffusion.cli import main  # noqa: E402
 from pixeldiffusion.config import load_config  # noqa: E402
 from pixeldiffusion.convert import from_diffusers, to_diffusers  # noqa: E402
 from pixeldiffusion.errors import CheckpointError  # noqa: E402
+from pixeldiffusion.formulations import bridge_for, flow_t_of_sigma, unshift_t  # noqa: E402
 from pixeldiffusion.generate import generate  # noqa: E402
 from pixeldiffusion.samplers import (  # noqa: E402
     SAMPLERS,
@@ -22,7 +23,12 @@ from pixeldiffusion.samplers import (  # noqa: E402
     make_denoiser,
     sample,
 )
-from pixeldiffusion.schedule import alphas_cumprod_of  # noqa: E402
+from pixeldiffusion.schedule import (  # noqa: E402
+    alphas_cumprod_at,
+    alphas_cumprod_of,
+    sampling_timesteps,
+    sigma_of,
+)
 from pixeldiffusion.unet import build_unet  # noqa: E402
 
 # The layout of google/ddpm-cifar10-32 (the DDPM release: TF "SAME" downsampling, [sin, cos]
@@ -182,6 +188,14 @@ def _edit_config(folder, section, **changes):
     ("unet", {"resnet_time_scale_shift": "scale_shift"}, "resnet_time_scale_shift"),
     ("scheduler", {"beta_schedule": "scaled_linear"}, r"'scaled_linear'\) match none"),
     ("scheduler", {"variance_type": "learned_range"}, "learned variance"),
+    ("scheduler", {"_class_name": "ScoreSdeVeScheduler"},
+     "scheduler ScoreSdeVeScheduler is not one pixeldiffusion reads"),
+    ("scheduler", {"_class_name": "EDMEulerScheduler", "prediction_type": "v_prediction"},
+     "EDM prediction_type 'v_prediction' is not supported"),
+    ("scheduler", {"_class_name": "FlowMatchEulerDiscreteScheduler"},
+     "num_train_timesteps 50 gives the network timesteps 50 t"),
+    ("scheduler", {"_class_name": "FlowMatchEulerDiscreteScheduler", "num_train_timesteps": 1000,
+                   "use_dynamic_shifting": True}, "use_dynamic_shifting is not supported"),
 ])
 def test_unsupported_layouts_are_named(tmp_path, capsys, section, changes, message):
     _diffusers_folder(tmp_path / "hf", DDPM_RELEASE)
@@ -253,3 +267,142 @@ def test_the_unet_runs_in_float64_and_agrees_with_float32(tmp_path, tiny_args):
         double = copy.deepcopy(model).double()(x.double(), t)
     assert double.dtype == torch.float64
     torch.testing.assert_close(double.float(), single, rtol=1e-4, atol=1e-4)
+
+
+# ------------------------------------------------------------------------- edm and flow export
+
+EDM_ARGS = ["--diffusion.formulation", "edm", "--diffusion.sigma_data", "0.6"]
+FLOW_ARGS = ["--diffusion.formulation", "flow", "--diffusion.prediction", "v",
+             "--diffusion.shift", "3"]
+
+
+def _exported(tmp_path, tiny_args, args):
+    """A tiny random model of ``args``' formulation, saved and exported: (model, config, folder,
+    the diffusers UNet2DModel loaded from the folder)."""
+    cfg = load_config(None, tiny_args + args)
+    model = build_unet(cfg.model, in_channels=cfg.data.channels, image_size=cfg.data.image_size)
+    _randomize(model, 2)
+    save_checkpoint(tmp_path / "run", 1, model, copy.deepcopy(model), {}, cfg)
+    out = tmp_path / "exported"
+    assert main(["convert", "--to-diffusers", str(tmp_path / "run"), str(out)]) == 0
+    return model.eval(), cfg, out, diffusers.UNet2DModel.from_pretrained(out, subfolder="unet")
+
+
+def _our_samples(model, cfg, x_T, sampler, steps, spacing):
+    """Our sampler on the formulation's bridge, without clipping (diffusers' schedulers clip
+    nothing)."""
+    bridge = bridge_for(cfg.diffusion)
+    return sample(bridge.wrap(model), x_T, bridge.alphas_cumprod, sampler=sampler, steps=steps,
+                  spacing=spacing, prediction=bridge.prediction, clip_x0=False)
+
+
+@pytest.mark.parametrize(("scheduler", "sampler"), [("EDMEulerScheduler", "euler"),
+                                                    ("EDMDPMSolverMultistepScheduler", "dpmpp_2m")])
+def test_edm_export_samples_as_ours_in_diffusers(tmp_path, tiny_args, scheduler, sampler):
+    """EDM's preconditioning (c_in, c_noise = ln(sigma)/4, c_skip, c_out, sigma_data 0.6) is the
+    exported scheduler's: its loop on its karras sigmas is our sampler on the karras spacing."""
+    model, cfg, out, unet = _exported(tmp_path, tiny_args, EDM_ARGS)
+    assert json.loads((out / "model_index.json").read_text())["scheduler"] == \
+        ["diffusers", "EDMEulerScheduler"]
+    x_T = torch.randn(2, 1, 32, 32, generator=torch.Generator().manual_seed(3))
+    ours = _our_samples(model, cfg, x_T, sampler, 6, "karras")
+    edm = getattr(diffusers, scheduler).from_pretrained(out, subfolder="scheduler")
+    edm.set_timesteps(6)
+    x = x_T * edm.init_noise_sigma  # = x_T / sqrt(abar) at sigma_max, our VP start
+    with torch.no_grad():
+        for t in edm.timesteps:  # t = c_noise
+            x = edm.step(unet(edm.scale_model_input(x, t), t).sample, t, x).prev_sample
+    diff = float((ours - x).abs().max())
+    print(f"edm, {scheduler} vs our {sampler}, 6 steps: max abs difference {diff:.1e} "
+          f"(samples up to {float(ours.abs().max()):.2f})")
+    assert diff < 1e-4
+
+
+def test_edm_export_runs_in_the_pipeline_it_names(tmp_path, tiny_args):
+    """model_index.json names ConsistencyModelPipeline: its loop (noise * init_noise_sigma,
+    scale_model_input, step) with the same seed draws our euler samples."""
+    model, cfg, out, _ = _exported(tmp_path, tiny_args, EDM_ARGS)
+    pipe = diffusers.DiffusionPipeline.from_pretrained(out)
+    assert type(pipe).__name__ == "ConsistencyModelPipeline"
+    pipe.set_progress_bar_config(disable=True)
+    theirs = pipe(batch_size=2, num_inference_steps=5, output_type="pt",
+                  generator=torch.Generator().manual_seed(4)).images  # [N, C, H, W] in [0, 1]
+    x_T = torch.randn(2, 1, 32, 32, generator=torch.Generator().manual_seed(4))
+    ours = _our_samples(model, cfg, x_T, "euler", 5, "karras")
+    assert float(((ours / 2 + 0.5).clamp(0, 1) - theirs).abs().max()) < 1e-4
+
+
+def test_flow_export_samples_as_ours_in_diffusers(tmp_path, tiny_args):
+    """Flow v-prediction, shift 3: FlowMatchEulerDiscreteScheduler on our flow times (given
+    unshifted; it applies the shift) from our start is our euler on the uniform spacing; and
+    the DDPMPipeline that model_index.json names runs that scheduler's loop from pure noise."""
+    model, cfg, out, unet = _exported(tmp_path, tiny_args, FLOW_ARGS)
+    x_T = torch.randn(2, 1, 32, 32, generator=torch.Generator().manual_seed(3))
+    ours = _our_samples(model, cfg, x_T, "euler", 6, "uniform")
+    table = bridge_for(cfg.diffusion).alphas_cumprod
+    timesteps = sampling_timesteps(len(table), 6, "uniform", table).double()
+    t_flow = flow_t_of_sigma(sigma_of(alphas_cumprod_at(table, timesteps)))
+    flow = diffusers.FlowMatchEulerDiscreteScheduler.from_pretrained(out, subfolder="scheduler")
+    flow.set_timesteps(sigmas=unshift_t(t_flow, cfg.diffusion.shift).tolist())
+    torch.testing.assert_close(flow.sigmas[:-1].double(), t_flow, rtol=1e-6, atol=0)
+    t_0 = t_flow[0].item()  # our x_T is VP-scaled: x = x_T sqrt((1 - t)^2 + t^2)
+    x = x_T * ((1 - t_0) ** 2 + t_0**2) ** 0.5
+    with torch.no_grad():
+        for t in flow.timesteps:  # t = 1000 t_flow, our c_noise
+            x = flow.step(unet(x, t).sample, t, x).prev_sample
+    diff = float((ours - x).abs().max())
+    print(f"flow, FlowMatchEulerDiscreteScheduler vs our euler, 6 steps: max abs difference "
+          f"{diff:.1e} (samples up to {float(ours.abs().max()):.2f})")
+    assert diff < 1e-4
+
+    pipe = diffusers.DiffusionPipeline.from_pretrained(out)
+    assert (type(pipe).__name__, type(pipe.scheduler).__name__) == \
+        ("DDPMPipeline", "FlowMatchEulerDiscreteScheduler")
+    pipe.set_progress_bar_config(disable=True)
+    theirs = pipe(batch_size=2, num_inference_steps=4, output_type="pt",
+                  generator=torch.Generator().manual_seed(5)).images
+    flow.set_timesteps(4)  # diffusers' own grid, from t = 1
+    x = torch.randn(2, 1, 32, 32, generator=torch.Generator().manual_seed(5))
+    with torch.no_grad():
+        for t in flow.timesteps:
+            x = flow.step(unet(x, t).sample, t, x).prev_sample
+    torch.testing.assert_close(theirs, (x / 2 + 0.5).clamp(0, 1), rtol=0, atol=1e-6)
+
+
+@pytest.mark.parametrize("args", [EDM_ARGS, FLOW_ARGS], ids=["edm", "flow"])
+def test_edm_and_flow_folders_import_as_their_formulation(tmp_path, tiny_args, args):
+    """Export -> import: the same tensors, the same formulation and its keys; never DDPM."""
+    model, cfg, out, _ = _exported(tmp_path, tiny_args, args)
+    back = load_checkpoint(from_diffusers(out, tmp_path / "back.safetensors"))
+    d, b = cfg.diffusion, back.config.diffusion
+    assert (b.formulation, b.sigma_data, b.shift) == (d.formulation, d.sigma_data, d.shift)
+    assert (b.prediction, b.sigma_min, b.sigma_max) == (d.prediction, d.sigma_min, d.sigma_max)
+    assert back.config.sample.sampler == "euler" and not back.config.sample.clip_x0
+    for key, value in model.state_dict().items():
+        assert torch.equal(back.model.state_dict()[key], value), key
+    assert main(["convert", "--to-diffusers", str(tmp_path / "back.safetensors"),
+                 str(tmp_path / "again")]) == 0
+    scheduler = json.loads((tmp_path / "again/scheduler/scheduler_config.json").read_text())
+    assert scheduler["_class_name"] == {"edm": "EDMEulerScheduler",
+                                        "flow": "FlowMatchEulerDiscreteScheduler"}[d.formulation]
+
+
+@pytest.mark.parametrize(("args", "message"), [
+    (["--diffusion.formulation", "flow", "--diffusion.prediction", "x0"],
+     "a diffusion.formulation flow checkpoint with diffusion.prediction x0 cannot be exported: "
+     "diffusers' FlowMatchEulerDiscreteScheduler steps with the network's output as the "
+     "velocity"),
+    (["--diffusion.formulation", "edm", "--consistency.method", "ect", "--sample.sampler",
+      "consistency", "--sample.steps", "2"],
+     r"a consistency model \(consistency.method ect\) cannot be exported"),
+], ids=["flow-x0", "consistency"])
+def test_what_no_folder_samples_as_we_do_is_refused(tmp_path, tiny_args, capsys, args, message):
+    cfg = load_config(None, tiny_args + args)
+    model = build_unet(cfg.model, in_channels=cfg.data.channels, image_size=cfg.data.image_size)
+    save_checkpoint(tmp_path / "run", 1, model, copy.deepcopy(model), {}, cfg)
+    with pytest.raises(CheckpointError, match=message):
+        to_diffusers(tmp_path / "run", tmp_path / "out")
+    assert main(["convert", "--to-diffusers", str(tmp_path / "run"), str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("pixeldiffusion: error:") and err.count("\n") == 1
+    assert not (tmp_path / "out").exists()

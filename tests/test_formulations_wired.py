@@ -2,6 +2,7 @@
 formulation's loss, exact resume, sampling through the bridge everywhere, DDPM bit-identical to
 before, the configs, and the real CLI end to end."""
 
+import json
 from pathlib import Path
 
 import numpy as np
@@ -237,17 +238,15 @@ def test_sample_cannot_change_the_checkpoints_formulation(cli_run, tmp_path, cap
     assert "unrecognized arguments: --diffusion.formulation" in capsys.readouterr().err
 
 
-def test_edm_and_flow_checkpoints_are_not_exported_as_ddpm(cli_run, tmp_path, capsys):
+def test_every_formulation_exports_with_its_own_scheduler(cli_run, tmp_path):
+    """The exported folder's scheduler calls the network as its formulation does; an edm or
+    flow checkpoint is never written as a DDPM one (tests/test_convert.py samples them)."""
     name, run = cli_run
     out = tmp_path / "diffusers"
-    code = main(["convert", "--to_diffusers", str(run), str(out)])
-    if name == "ddpm":
-        assert code == 0 and (out / "scheduler" / "scheduler_config.json").is_file()
-        return
-    assert code == 2 and not out.exists()
-    err = capsys.readouterr().err
-    assert f"a diffusion.formulation {name} checkpoint cannot be exported" in err
-    assert err.count("\n") == 1
+    assert main(["convert", "--to_diffusers", str(run), str(out)]) == 0
+    scheduler = json.loads((out / "scheduler" / "scheduler_config.json").read_text())
+    assert scheduler["_class_name"] == {"ddpm": "DDPMScheduler", "edm": "EDMEulerScheduler",
+                                        "flow": "FlowMatchEulerDiscreteScheduler"}[name]
 
 
 def test_inpaint_and_interpolate_go_through_the_bridge(cli_run, tmp_path):

@@ -377,11 +377,13 @@ def _interpolate(args: argparse.Namespace, overrides: list[str]) -> int:
 
 def _add_convert(commands: argparse._SubParsersAction) -> None:
     p = commands.add_parser(
-        "convert", help="export to / import from a diffusers DDPM folder",
-        description="--to-diffusers writes a folder diffusers.DDPMPipeline.from_pretrained "
-                    "loads; --from-diffusers turns a diffusers UNet2DModel + scheduler folder "
-                    "(DDPM layout, e.g. google/ddpm-cifar10-32) into a .safetensors file that "
-                    "pixeldiffusion sample accepts.")
+        "convert", help="export to / import from a diffusers UNet2DModel + scheduler folder",
+        description="--to-diffusers writes a folder diffusers.DiffusionPipeline.from_pretrained "
+                    "loads, with the scheduler of the checkpoint's formulation (ddpm: "
+                    "DDPMScheduler, edm: EDMEulerScheduler, flow: "
+                    "FlowMatchEulerDiscreteScheduler); --from-diffusers turns a diffusers "
+                    "UNet2DModel + scheduler folder (DDPM layout, e.g. google/ddpm-cifar10-32) "
+                    "into a .safetensors file that pixeldiffusion sample accepts.")
     way = p.add_mutually_exclusive_group(required=True)
     way.add_argument("--to-diffusers", "--to_diffusers", dest="to_diffusers", nargs=2,
                      metavar=("CKPT", "OUT_DIR"))

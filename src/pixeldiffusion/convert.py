@@ -1,5 +1,5 @@
-"""diffusers interop: our checkpoints <-> diffusers DDPM folders (``UNet2DModel`` +
-``DDPMScheduler``), written and read without importing diffusers.
+"""diffusers interop: our checkpoints <-> diffusers folders (``UNet2DModel`` + a scheduler),
+written and read without importing diffusers.
 
 Our UNet and diffusers' ``UNet2DModel`` with ``DownBlock2D`` / ``AttnDownBlock2D`` levels are
 both the DDPM-paper network (Ho et al. 2020, App. B), so the conversion is a renaming of
@@ -10,19 +10,44 @@ three linear layers ``to_q``, ``to_k``, ``to_v`` stacked, and our 1x1-conv ``pro
 of ours with the same names. A folder of another layout is refused with a message naming the
 block type or config key we cannot express.
 
-Folder written by ``to_diffusers`` (``diffusers.DDPMPipeline.from_pretrained`` loads it)::
+Folder written by ``to_diffusers``::
 
     OUT_DIR/model_index.json
     OUT_DIR/unet/config.json, OUT_DIR/unet/diffusion_pytorch_model.safetensors
     OUT_DIR/scheduler/scheduler_config.json
 
+The scheduler is the one that calls the network exactly as our formulation does
+(``diffusion.formulation``), and ``model_index.json`` names a pipeline whose loop applies it:
+
+- ddpm: ``DDPMScheduler`` in a ``DDPMPipeline`` (integer t, eps / x0 / v output).
+- edm: ``EDMEulerScheduler`` (Karras et al. 2022, Table 1: c_in = 1 / sqrt(sigma^2 + sd^2),
+  c_noise = ln(sigma) / 4, c_skip, c_out = sigma sd / sqrt(sigma^2 + sd^2), which diffusers calls
+  ``prediction_type`` "epsilon"; sigma_min, sigma_max, sigma_data as trained, rho 7) in a
+  ``ConsistencyModelPipeline``, an unconditional ``UNet2DModel`` pipeline whose loop is this one
+  (no diffusers pipeline is made for EDM); by hand (``EDMDPMSolverMultistepScheduler`` takes the
+  same config)::
+
+      unet = UNet2DModel.from_pretrained(OUT_DIR, subfolder="unet")
+      scheduler = EDMEulerScheduler.from_pretrained(OUT_DIR, subfolder="scheduler")
+      scheduler.set_timesteps(18)                        # karras (rho = 7) sigmas, then 0
+      x = torch.randn(16, C, H, W) * scheduler.init_noise_sigma
+      for t in scheduler.timesteps:                      # t = c_noise = ln(sigma) / 4
+          x_in = scheduler.scale_model_input(x, t)       # c_in x
+          x = scheduler.step(unet(x_in, t).sample, t, x).prev_sample   # c_skip, c_out, Euler
+      images = (x / 2 + 0.5).clamp(0, 1)
+
+- flow (v-prediction): ``FlowMatchEulerDiscreteScheduler`` (x_t = (1 - t) x0 + t eps, the
+  network at timestep 1000 t, ``x_next = x + (t_next - t) v``; ``shift`` as trained) in a
+  ``DDPMPipeline``, whose loop (pure noise, ``step`` on the raw output) is flow's Euler.
+
 ``from_diffusers`` reads that layout, or the flat one of the hub's ``google/ddpm-*`` repositories
 (``config.json``, ``diffusion_pytorch_model.{safetensors,bin}``, ``scheduler_config.json`` side by
 side), including the attention key names of diffusers < 0.15 (``query``, ``key``, ``value``,
-``proj_attn``).
+``proj_attn``). The scheduler's class says the formulation: a beta-schedule scheduler is ddpm,
+the EDM ones edm, ``FlowMatchEulerDiscreteScheduler`` flow; any other is refused.
 
-Only DDPM checkpoints convert: an EDM or flow-matching network (``diffusion.formulation``) would be
-sampled by the ``DDPMScheduler`` as a DDPM one, so ``to_diffusers`` refuses it.
+Refused on export, with the reason: flow x0-prediction (diffusers' flow schedulers step with the
+output as the velocity), class-conditional models, and consistency models (their own sampler).
 """
 
 from __future__ import annotations
@@ -36,16 +61,18 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import Tensor
 
-from . import __version__
-from .checkpoint import FORMAT, load_checkpoint, load_state_checked, load_torch_file
+from .checkpoint import load_checkpoint, load_state_checked, load_torch_file, save_ema_weights
 from .config import Config, from_dict
+from .consistency import KARRAS_RHO
 from .errors import CheckpointError
 from .files import atomic_write, write_text_atomic
+from .formulations import FLOW_TIME_SCALE
 from .samplers import option_defaults
 from .schedule import cosine_betas, linear_betas, make_betas, sigmoid_betas
 from .unet import build_unet
 
 DIFFUSERS_VERSION = "0.27.0"  # written as _diffusers_version; tested with diffusers 0.42
+FLOW_DIFFUSERS_VERSION = "0.29.0"  # the first with FlowMatchEulerDiscreteScheduler
 UNET_WEIGHTS = "diffusion_pytorch_model.safetensors"
 DOWN_TYPES = ("DownBlock2D", "AttnDownBlock2D")
 UP_TYPES = ("UpBlock2D", "AttnUpBlock2D")
@@ -53,6 +80,20 @@ PREDICTION_TO_DIFFUSERS = {"eps": "epsilon", "x0": "sample", "v": "v_prediction"
 PREDICTION_FROM_DIFFUSERS = {v: k for k, v in PREDICTION_TO_DIFFUSERS.items()}
 VAR_TYPE_FROM_DIFFUSERS = {"fixed_small": "fixed_small", "fixed_small_log": "fixed_small",
                            "fixed_large": "fixed_large", "fixed_large_log": "fixed_large"}
+# model_index.json's pipeline per formulation: one whose loop applies its scheduler (docstring).
+PIPELINE_OF = {"ddpm": "DDPMPipeline", "edm": "ConsistencyModelPipeline", "flow": "DDPMPipeline"}
+# Schedulers read on import: beta schedules (ddpm; diffusers' KarrasDiffusionSchedulers less
+# EDMEulerScheduler), EDM's preconditioning (edm) and flow matching's Euler (flow).
+BETA_SCHEDULERS = ("DDPMScheduler", "DDIMScheduler", "PNDMScheduler", "LMSDiscreteScheduler",
+                   "EulerDiscreteScheduler", "HeunDiscreteScheduler",
+                   "EulerAncestralDiscreteScheduler", "DPMSolverMultistepScheduler",
+                   "DPMSolverSinglestepScheduler", "KDPM2DiscreteScheduler",
+                   "KDPM2AncestralDiscreteScheduler", "DEISMultistepScheduler",
+                   "UniPCMultistepScheduler", "DPMSolverSDEScheduler")
+EDM_SCHEDULERS = ("EDMEulerScheduler", "EDMDPMSolverMultistepScheduler")
+FLOW_SCHEDULERS = ("FlowMatchEulerDiscreteScheduler",)
+EDM_SPACING_FROM_DIFFUSERS = {"karras": "karras", "exponential": "logsnr"}
+IMPORTED_STEPS = 50  # sample.steps of an imported edm or flow model (ddpm: 100)
 OLD_ATTENTION_NAMES = {"query": "to_q", "key": "to_k", "value": "to_v", "proj_attn": "to_out.0"}
 RESBLOCK_NAMES = {"norm1": "norm1", "conv1": "conv1", "temb_proj": "time_emb_proj",
                   "norm2": "norm2", "conv2": "conv2", "skip": "conv_shortcut"}
@@ -216,23 +257,30 @@ def unet_config(cfg: Config) -> dict[str, Any]:
 
 
 def check_exportable_formulation(cfg: Config) -> None:
-    """Refuse an EDM or flow-matching model: the folder written here is a ``DDPMPipeline``,
-    whose ``DDPMScheduler`` would call the network as a DDPM one (integer t, eps / x0 / v
-    output) and so sample it as a model it is not."""
-    formulation = cfg.diffusion.formulation
-    if formulation != "ddpm":
-        raise CheckpointError(f"a diffusion.formulation {formulation} checkpoint cannot be "
-                              f"exported: the diffusers folder written here is a DDPMPipeline, "
-                              f"which would sample this network as a DDPM one; only ddpm "
-                              f"checkpoints convert, sample this one with pixeldiffusion sample")
+    """Refuse what no exported folder would sample as we do: a consistency model (its own
+    multistep sampler, not a diffusion scheduler's) and a flow x0-prediction model (diffusers'
+    ``FlowMatchEulerDiscreteScheduler`` takes the network's output as the velocity and has no
+    other prediction type)."""
+    d = cfg.diffusion
+    if cfg.consistency.method != "none":
+        raise CheckpointError(f"a consistency model (consistency.method {cfg.consistency.method}) "
+                              "cannot be exported: a diffusers scheduler would sample it as a "
+                              "diffusion model; sample it with pixeldiffusion sample, or export "
+                              "its teacher")
+    if d.formulation == "flow" and d.prediction != "v":
+        raise CheckpointError(f"a diffusion.formulation flow checkpoint with diffusion.prediction "
+                              f"{d.prediction} cannot be exported: diffusers' "
+                              "FlowMatchEulerDiscreteScheduler steps with the network's output "
+                              "as the velocity v = eps - x0 and has no x0-prediction; flow "
+                              "models with prediction v (and every ddpm or edm model) export, "
+                              "sample this one with pixeldiffusion sample")
 
 
-def scheduler_config(cfg: Config) -> dict[str, Any]:
-    """The ``DDPMScheduler`` scheduler_config.json of our diffusion and sample config. Our
-    sigmoid schedule has no diffusers name (theirs is GeoDiff's) and goes as ``trained_betas``.
-    Its ``timestep_spacing`` is "trailing", our default "uniform" spacing, so the exported
-    ``DDPMPipeline`` with the same seed and number of steps draws our ``ddpm`` samples."""
-    check_exportable_formulation(cfg)
+def _ddpm_scheduler(cfg: Config) -> dict[str, Any]:
+    """``DDPMScheduler``: our sigmoid schedule has no diffusers name (theirs is GeoDiff's) and
+    goes as ``trained_betas``. Its ``timestep_spacing`` is "trailing", our default "uniform"
+    spacing, so the exported ``DDPMPipeline`` with the same seed and number of steps draws our
+    ``ddpm`` samples."""
     d = cfg.diffusion
     names = {"linear": "linear", "cosine": "squaredcos_cap_v2"}
     trained = None
@@ -248,6 +296,43 @@ def scheduler_config(cfg: Config) -> dict[str, Any]:
         "thresholding": False, "timestep_spacing": "trailing", "steps_offset": 0,
         "rescale_betas_zero_snr": False,
     }
+
+
+def _edm_scheduler(cfg: Config) -> dict[str, Any]:
+    """``EDMEulerScheduler``: its c_in, c_noise = 0.25 ln(sigma), c_skip and c_out (prediction
+    type "epsilon": c_out = +sigma sd / sqrt(sigma^2 + sd^2)) are ``formulations.edm_scalings``;
+    its karras sigmas (rho 7, then 0) are our ``karras`` spacing between sigma_min and
+    sigma_max, so its Euler steps are our ``euler`` sampler's."""
+    d = cfg.diffusion
+    return {
+        "_class_name": "EDMEulerScheduler", "_diffusers_version": DIFFUSERS_VERSION,
+        "sigma_min": d.sigma_min, "sigma_max": d.sigma_max, "sigma_data": d.sigma_data,
+        "sigma_schedule": "karras", "num_train_timesteps": d.timesteps,
+        "prediction_type": "epsilon", "rho": KARRAS_RHO, "final_sigmas_type": "zero",
+    }
+
+
+def _flow_scheduler(cfg: Config) -> dict[str, Any]:
+    """``FlowMatchEulerDiscreteScheduler``: its sigma is our flow time t (x_t = (1 - sigma) x0 +
+    sigma eps), the network gets timestep sigma * num_train_timesteps = our c_noise 1000 t, its
+    step x + (sigma_next - sigma) v is Euler on v = eps - x0, and its ``shift`` is
+    ``formulations.shift_t``."""
+    return {
+        "_class_name": "FlowMatchEulerDiscreteScheduler",
+        "_diffusers_version": FLOW_DIFFUSERS_VERSION,
+        "num_train_timesteps": int(FLOW_TIME_SCALE), "shift": cfg.diffusion.shift,
+        "use_dynamic_shifting": False, "invert_sigmas": False, "stochastic_sampling": False,
+    }
+
+
+_SCHEDULER_CONFIGS = {"ddpm": _ddpm_scheduler, "edm": _edm_scheduler, "flow": _flow_scheduler}
+
+
+def scheduler_config(cfg: Config) -> dict[str, Any]:
+    """The scheduler_config.json of our diffusion and sample config: the diffusers scheduler
+    that calls the network as ``diffusion.formulation`` does (module docstring)."""
+    check_exportable_formulation(cfg)
+    return _SCHEDULER_CONFIGS[cfg.diffusion.formulation](cfg)
 
 
 def _unsupported(source: str, what: str) -> CheckpointError:
@@ -350,8 +435,67 @@ def _diffusers_betas(sched: dict[str, Any], source: str) -> Tensor:
 
 
 def diffusion_config_from(sched: dict[str, Any], source: str) -> dict[str, Any]:
-    """Our ``diffusion`` + ``sample`` sections for a scheduler_config.json: the betas must equal
-    one of our schedules (linear, cosine, sigmoid) to float32 precision."""
+    """Our ``diffusion`` + ``sample`` sections for a scheduler_config.json. Its ``_class_name``
+    (absent: ``DDPMScheduler``) gives the formulation: ``BETA_SCHEDULERS`` ddpm,
+    ``EDM_SCHEDULERS`` edm, ``FLOW_SCHEDULERS`` flow; any other is refused, so an EDM or flow
+    folder is never read as a DDPM one."""
+    name = sched.get("_class_name", "DDPMScheduler")
+    if name in EDM_SCHEDULERS:
+        return _edm_config_from(sched, source)
+    if name in FLOW_SCHEDULERS:
+        return _flow_config_from(sched, source)
+    if name not in BETA_SCHEDULERS:
+        raise CheckpointError(f"'{source}': scheduler {name} is not one pixeldiffusion reads; a "
+                              f"DDPM-family scheduler (e.g. DDPMScheduler, DDIMScheduler), "
+                              f"{' or '.join(EDM_SCHEDULERS)} (edm) or "
+                              f"{' or '.join(FLOW_SCHEDULERS)} (flow) converts")
+    return _ddpm_config_from(sched, source)
+
+
+def _edm_config_from(sched: dict[str, Any], source: str) -> dict[str, Any]:
+    """An EDM scheduler's config: prediction type "epsilon" (EDM's c_out > 0, our network),
+    sigma_min / sigma_max / sigma_data; sampled with our ``euler`` on its sigma schedule."""
+    prediction = sched.get("prediction_type", "epsilon")
+    if prediction != "epsilon":
+        raise CheckpointError(f"'{source}': EDM prediction_type '{prediction}' is not supported; "
+                              "pixeldiffusion's EDM network is diffusers' prediction_type "
+                              "epsilon (c_out = sigma sigma_data / sqrt(sigma^2 + sigma_data^2))")
+    schedule = sched.get("sigma_schedule", "karras")
+    if schedule not in EDM_SPACING_FROM_DIFFUSERS:
+        raise CheckpointError(f"'{source}': sigma_schedule '{schedule}' is not supported; use "
+                              "karras or exponential")
+    T = int(sched.get("num_train_timesteps", 1000))
+    return {"diffusion": {"formulation": "edm", "timesteps": T,
+                          "sigma_min": float(sched.get("sigma_min", 0.002)),
+                          "sigma_max": float(sched.get("sigma_max", 80.0)),
+                          "sigma_data": float(sched.get("sigma_data", 0.5))},
+            "sample": {"sampler": "euler", "spacing": EDM_SPACING_FROM_DIFFUSERS[schedule],
+                       "steps": min(IMPORTED_STEPS, T), "clip_x0": False}}
+
+
+def _flow_config_from(sched: dict[str, Any], source: str) -> dict[str, Any]:
+    """A ``FlowMatchEulerDiscreteScheduler`` config: v-prediction, the network's timestep 1000 t
+    (num_train_timesteps 1000), a fixed ``shift``; sampled with our ``euler``, uniform in flow
+    time. Its sampling-only options (karras / exponential / beta sigmas, shift_terminal,
+    stochastic_sampling) have no say in what the network is."""
+    T = int(sched.get("num_train_timesteps", 1000))
+    if T != FLOW_TIME_SCALE:
+        raise CheckpointError(f"'{source}': num_train_timesteps {T} gives the network timesteps "
+                              f"{T} t; pixeldiffusion's flow networks take {FLOW_TIME_SCALE:g} t "
+                              f"(num_train_timesteps {FLOW_TIME_SCALE:g})")
+    for key in ("use_dynamic_shifting", "invert_sigmas"):
+        if sched.get(key):
+            raise CheckpointError(f"'{source}': scheduler option {key} is not supported; "
+                                  "set it to false in scheduler_config.json")
+    return {"diffusion": {"formulation": "flow", "prediction": "v", "timesteps": T,
+                          "shift": float(sched.get("shift", 1.0))},
+            "sample": {"sampler": "euler", "spacing": "uniform", "steps": IMPORTED_STEPS,
+                       "clip_x0": False}}
+
+
+def _ddpm_config_from(sched: dict[str, Any], source: str) -> dict[str, Any]:
+    """A beta-schedule scheduler's config: the betas must equal one of our schedules (linear,
+    cosine, sigmoid) to float32 precision."""
     if sched.get("rescale_betas_zero_snr") or sched.get("thresholding"):
         key = "rescale_betas_zero_snr" if sched.get("rescale_betas_zero_snr") else "thresholding"
         raise CheckpointError(f"'{source}': scheduler option {key} is not supported; "
@@ -393,18 +537,24 @@ def _write_json(path: Path, data: dict[str, Any]) -> None:
 
 
 def to_diffusers(checkpoint: str | Path, out_dir: str | Path, *, use_ema: bool = True) -> Path:
-    """Write a diffusers DDPM pipeline folder for a checkpoint (file, checkpoint or run dir)."""
+    """Write a diffusers folder for a checkpoint (file, checkpoint or run dir): the
+    ``UNet2DModel`` and the scheduler of its formulation, under the pipeline that runs them
+    (``PIPELINE_OF``; the module docstring has the loop). Nothing is written
+    for a model no folder samples as we do (``check_exportable_formulation``)."""
     loaded = load_checkpoint(checkpoint, use_ema=use_ema)
     cfg, out_dir = loaded.config, Path(out_dir)
     check_exportable_formulation(cfg)  # before anything is written
     unet = unet_config(cfg)
     state = {k: v.detach().cpu() for k, v in loaded.model.state_dict().items()}
     weights = state_to_diffusers(state, cfg)
+    scheduler = scheduler_config(cfg)
     _write_json(out_dir / "model_index.json",
-                {"_class_name": "DDPMPipeline", "_diffusers_version": DIFFUSERS_VERSION,
-                 "scheduler": ["diffusers", "DDPMScheduler"], "unet": ["diffusers", "UNet2DModel"]})
+                {"_class_name": PIPELINE_OF[cfg.diffusion.formulation],
+                 "_diffusers_version": scheduler["_diffusers_version"],
+                 "scheduler": ["diffusers", scheduler["_class_name"]],
+                 "unet": ["diffusers", "UNet2DModel"]})
     _write_json(out_dir / "unet" / "config.json", unet)
-    _write_json(out_dir / "scheduler" / "scheduler_config.json", scheduler_config(cfg))
+    _write_json(out_dir / "scheduler" / "scheduler_config.json", scheduler)
     with atomic_write(out_dir / "unet" / UNET_WEIGHTS) as tmp:
         save_file(weights, tmp, metadata={"format": "pt"})
     return out_dir
@@ -441,7 +591,8 @@ def _read_unet_weights(path: Path) -> dict[str, Tensor]:
 def from_diffusers(src_dir: str | Path, out_path: str | Path) -> Path:
     """Convert a diffusers ``UNet2DModel`` + scheduler folder into one pixeldiffusion
     ``.safetensors`` file that ``load_checkpoint`` and ``pixeldiffusion sample`` accept. The
-    weights are stored as ``ema.*`` (a published model is one set of weights)."""
+    scheduler's class gives the formulation (``diffusion_config_from``). The weights are stored
+    as ``ema.*`` (a published model is one set of weights)."""
     src = Path(src_dir)
     if not src.is_dir():
         raise CheckpointError(f"'{src}' is not a folder; pass a diffusers model folder (with "
@@ -461,10 +612,5 @@ def from_diffusers(src_dir: str | Path, out_path: str | Path) -> Path:
     state = state_from_diffusers(_read_unet_weights(weights_path), cfg, str(weights_path))
     model = build_unet(cfg.model, in_channels=cfg.data.channels, image_size=cfg.data.image_size)
     load_state_checked(model, state, str(weights_path))  # every parameter present, right shapes
-    metadata = {"format": FORMAT, "pixeldiffusion_version": __version__, "step": "0",
-                "config": json.dumps(cfg.to_dict()),
-                "weights": f"ema.* = the weights of the diffusers folder {src.resolve()}"}
-    out_path = Path(out_path)
-    with atomic_write(out_path) as tmp:
-        save_file({f"ema.{k}": v for k, v in state.items()}, tmp, metadata=metadata)
-    return out_path
+    return save_ema_weights(out_path, state, cfg, 0,
+                            note=f"ema.* = the weights of the diffusers folder {src.resolve()}")
