@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 from collections.abc import Sequence
+from datetime import timedelta
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -207,24 +208,39 @@ def _train(args: argparse.Namespace, overrides: list[str]) -> int:
     if args.device:
         overrides = [*overrides, "--train.device", args.device]
     cfg = load_config(config_path, overrides)
+    finished = False
     try:
         if cfg.consistency.method != "none":  # a distill run, resumed as its Ctrl-C message says
             from .distill import tune
             tune(cfg, args.exp_dir, resume=args.resume, progress=not args.no_progress)
         else:
             train(cfg, args.exp_dir, resume=args.resume, progress=not args.no_progress)
+        finished = True
     finally:
-        _end_process_group()
+        _end_process_group(finished)
     return 0
 
 
-def _end_process_group() -> None:
+def _end_process_group(finished: bool) -> None:
     """Under torchrun / accelerate launch: shut the process group down before the interpreter
-    exits, so that gloo's threads are not torn down mid-flight (an abort at exit otherwise)."""
+    exits, so that gloo's threads are not torn down mid-flight (an abort at exit otherwise).
+    After a run that ``finished`` on this rank, a gloo group first meets the other ranks at a
+    barrier (at most ``EXIT_BARRIER_S``), so that no rank closes its connections while another
+    still has a message in flight to it (a rank aborting with "terminate called without an
+    active exception" in loaded test runs was the symptom this guards against)."""
     import torch.distributed as dist
 
-    if dist.is_available() and dist.is_initialized():
-        dist.destroy_process_group()
+    if not (dist.is_available() and dist.is_initialized()):
+        return
+    if finished and dist.get_backend() == "gloo":
+        try:
+            dist.monitored_barrier(timeout=timedelta(seconds=EXIT_BARRIER_S))
+        except RuntimeError:  # another rank failed or is gone; its own error says why
+            pass
+    dist.destroy_process_group()
+
+
+EXIT_BARRIER_S = 120  # a finished rank waits this long for the others before it exits
 
 
 # the sample section's keys that ``pixeldiffusion sample`` takes as --KEY
