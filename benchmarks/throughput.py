@@ -412,7 +412,9 @@ def main() -> None:
     rows = []
     for config in args.configs.split(","):
         cfg = load_config(CONFIGS / f"{config}.yaml")
-        width = cfg.model.channels * max(cfg.model.channel_mult)  # conv_width of the UNet
+        with torch.device("meta"):  # the architecture only: no weights are allocated
+            width = conv_width(build_unet(cfg.model, in_channels=cfg.data.channels,
+                                          image_size=cfg.data.image_size))
         for requested in args.precisions.split(","):
             precision = resolve_precision(requested, device, width).precision
             dtype = AUTOCAST_DTYPES.get(precision)

@@ -15,6 +15,7 @@ import math
 import pytest
 import torch
 
+from pixeldiffusion.config import DiffusionConfig
 from pixeldiffusion.consistency import (
     ECT_MID_SIGMA,
     SIGMA_MAX,
@@ -27,8 +28,11 @@ from pixeldiffusion.consistency import (
     ect_distance,
     ect_pair_loss,
     ect_r,
+    student_function,
+    teacher_denoiser,
 )
 from pixeldiffusion.errors import ConfigError
+from pixeldiffusion.formulations import bridge_for
 from pixeldiffusion.guidance import guided_model
 from pixeldiffusion.unet import UNet
 
@@ -119,6 +123,25 @@ def test_student_starts_close_to_its_edm_teacher():
             torch.testing.assert_close(ConsistencyFunction(net, sigma_min=0.0)(x, sigma), D)
             gap = (ConsistencyFunction(net, sigma_min=SIGMA_MIN)(x, sigma) - D).abs().max()
         assert gap <= 3 * SIGMA_MIN / sd * (x.abs().max() + F_x.abs().max())
+
+
+@pytest.mark.parametrize("formulation, prediction", [("ddpm", "eps"), ("ddpm", "v"),
+                                                     ("edm", "x0"), ("flow", "v")])
+def test_teacher_and_student_never_read_a_value_on_the_host(formulation, prediction):
+    """The meta device has shapes but no data: any .cpu(), .item(), float(tensor) or
+    bool(tensor) in a model call raises there. The teacher's denoiser, the student f and the
+    bridge's sampler-facing model all run on it, so on a GPU none of them waits for the device
+    per call (the timestep / abar look-ups stay on x's device: schedule.DeviceTable)."""
+    bridge = bridge_for(DiffusionConfig(formulation=formulation, prediction=prediction,
+                                        timesteps=100))
+
+    def net(x, c_noise, y=None):
+        return x * c_noise.reshape(-1, 1, 1, 1)
+    x = torch.ones(3, 1, 4, 4, device="meta")
+    sigma = torch.tensor([0.01, 0.5, 60.0], device="meta")
+    out = (teacher_denoiser(net, bridge)(x, sigma), student_function(net, bridge)(x, sigma),
+           bridge.wrap(net)(x, torch.tensor([99.0, 40.5, 0.0], device="meta")))
+    assert all(o.device.type == "meta" and o.shape == x.shape for o in out)
 
 
 # --- the ECT loss -------------------------------------------------------------------------------

@@ -117,8 +117,7 @@ def test_the_server_line_states_the_rule(monkeypatch) -> None:
 
 
 def test_conv_width_is_the_widest_convolution() -> None:
-    """The UNet's widest convolution has channels * max(channel_mult) outputs, the width
-    train.py computes from the config for ``--train.mixed_precision auto``."""
+    """The UNet's widest convolution has channels * max(channel_mult) outputs."""
     model = UNet(in_channels=1, image_size=16, channels=16, channel_mult=(1, 2, 4),
                  num_res_blocks=1, attn_resolutions=(4,), norm_groups=8)
     assert conv_width(model) == 64
@@ -214,6 +213,33 @@ def test_train_config_offers_auto(monkeypatch, tiny_args) -> None:
     _make_accelerator(load_config(None, [*tiny_args, "--train.device", "cpu",
                                          "--train.mixed_precision", "auto", *wide]))
     assert chosen["m"] == ["no", "bf16", "no"]
+
+
+@pytest.mark.parametrize("name", ["mnist", "cifar10_cond", "celeba64", "cifar10_flow"])
+def test_train_auto_measures_the_unet_it_trains_with_conv_width(monkeypatch, name) -> None:
+    """``--train.mixed_precision auto`` asks resolve_precision about ``conv_width`` of the UNet
+    the config builds (on the meta device: no weights), the width sampling uses for the same
+    model, which is channels * max(channel_mult) for every shipped config."""
+    import importlib
+    from pathlib import Path
+
+    from pixeldiffusion.config import load_config
+    from pixeldiffusion.unet import build_unet
+
+    train_module = importlib.import_module("pixeldiffusion.train")  # pd.train is the function
+    widths = []
+
+    def spy(requested, device, width):
+        widths.append(width)
+        return resolve_precision(requested, device, width)
+    monkeypatch.setattr(train_module, "resolve_precision", spy)
+    monkeypatch.setattr("accelerate.Accelerator", lambda mixed_precision, cpu: None)
+    configs = Path(__file__).resolve().parent.parent / "configs"
+    cfg = load_config(configs / f"{name}.yaml", ["--train.device", "cpu",
+                                                  "--train.mixed_precision", "auto"])
+    train_module._make_accelerator(cfg)
+    model = build_unet(cfg.model, in_channels=cfg.data.channels, image_size=cfg.data.image_size)
+    assert widths == [conv_width(model)] == [cfg.model.channels * max(cfg.model.channel_mult)]
 
 
 @pytest.fixture(scope="module")

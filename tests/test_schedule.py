@@ -4,8 +4,10 @@ import numpy as np
 import pytest
 import torch
 
+from pixeldiffusion.formulations import edm_alphas_cumprod, flow_alphas_cumprod
 from pixeldiffusion.schedule import (
     SPACINGS,
+    DeviceTable,
     alphas_cumprod_at,
     alphas_cumprod_from_betas,
     cosine_betas,
@@ -122,6 +124,68 @@ def test_alphas_cumprod_at_is_exact_on_integers_and_interpolates_log_sigma():
     torch.testing.assert_close(back, torch.tensor([3.25, 700.9], dtype=torch.float64))
     with pytest.raises(ValueError, match="must lie in"):
         alphas_cumprod_at(ABAR, torch.tensor([1000.0]))
+
+
+def _abar_at_on_the_cpu(alphas_cumprod, t):
+    """The bridges' look-up before DeviceTable, verbatim: t to float64 on the CPU, then log
+    sigma interpolated between integer steps. The reference DeviceTable must match."""
+    ac = alphas_cumprod.detach().double().cpu()
+    t = t.detach().double().cpu()
+    low = t.floor().long()
+    high = (low + 1).clamp(max=len(ac) - 1)
+    frac = t - low
+    log_sigma = sigma_of(ac).log()
+    interpolated = log_sigma[low] * (1 - frac) + log_sigma[high] * frac
+    return torch.where(frac == 0, ac[low], 1 / (1 + (2 * interpolated).exp()))
+
+
+def _timestep_of_sigma_in_numpy(alphas_cumprod, sigma):
+    """timestep_of_sigma before DeviceTable, verbatim: np.interp of log sigma on the CPU."""
+    log_sigma = sigma_of(alphas_cumprod).log().numpy()
+    target = np.log(np.asarray(sigma.double().cpu(), dtype=np.float64))
+    t = np.interp(target, log_sigma, np.arange(len(log_sigma), dtype=np.float64))
+    return torch.as_tensor(t, dtype=torch.float64)
+
+
+TABLES = {"ddpm_linear": ABAR, "ddpm_cosine": alphas_cumprod_from_betas(cosine_betas(1000)),
+          "edm": edm_alphas_cumprod(50), "flow_shift_3": flow_alphas_cumprod(1000, shift=3.0),
+          "two_steps": alphas_cumprod_from_betas(linear_betas(2))}
+
+
+@pytest.mark.parametrize("name", TABLES)
+def test_device_table_looks_up_as_the_cpu_did_bit_for_bit(name):
+    """DeviceTable (the bridges' and the consistency teacher's per-call look-up) gives exactly
+    the values of the CPU code it replaced: abar at integer, fractional and end timesteps (as
+    long, float64 and the samplers' float32), and the timestep of sigmas inside, at and beyond
+    the table's ends."""
+    ac = TABLES[name]
+    T, table = len(ac), DeviceTable(ac)
+    fractional = torch.cat([torch.linspace(0, T - 1, 997, dtype=torch.float64),
+                            torch.tensor([0.0, 1e-9, 0.25, 0.5, T - 1.5, T - 1 - 1e-9, T - 1.0],
+                                         dtype=torch.float64)])
+    for t in (torch.arange(T), torch.arange(T, dtype=torch.float64), fractional,
+              fractional.float(), fractional.float().clamp(max=T - 1)):
+        assert torch.equal(table.abar_at(t), _abar_at_on_the_cpu(ac, t)), t.dtype
+        assert torch.equal(table.abar_at(t), alphas_cumprod_at(ac, t)), t.dtype
+    sigma_table = sigma_of(ac)
+    sigmas = torch.cat([sigma_table, sigma_of(alphas_cumprod_at(ac, fractional)),
+                        torch.logspace(-4, 3, 1001, dtype=torch.float64),
+                        sigma_table[[0, -1]] * torch.tensor([0.5, 2.0], dtype=torch.float64)])
+    for sigma in (sigmas, sigmas.float()):
+        expected = _timestep_of_sigma_in_numpy(ac, sigma)
+        torch.testing.assert_close(table.timestep_of(sigma), expected, rtol=0, atol=1e-12)
+        assert torch.equal(timestep_of_sigma(ac, sigma), expected)
+
+
+def test_device_table_stays_on_the_input_device_and_checks_on_the_cpu():
+    """On the meta device (shapes, no data) any read of a value on the host, a .cpu(), .item()
+    or bool(tensor), raises: the look-ups run there, so they never stall a GPU."""
+    table = DeviceTable(ABAR)
+    t = torch.tensor([999.0, 500.25, 0.0], device="meta")
+    assert table.abar_at(t).device.type == "meta" and table.abar_at(t).shape == (3,)
+    assert table.timestep_of(torch.ones(3, device="meta")).device.type == "meta"
+    with pytest.raises(ValueError, match=r"timesteps must lie in \[0, 999\]"):
+        table.abar_at(torch.tensor([1000.0]))
 
 
 def test_explicit_timesteps_are_used_as_given_and_checked():

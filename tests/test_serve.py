@@ -29,8 +29,9 @@ uvicorn = pytest.importorskip("uvicorn")
 import pixeldiffusion.serve as serve_module  # noqa: E402
 from pixeldiffusion.checkpoint import load_checkpoint, save_checkpoint  # noqa: E402
 from pixeldiffusion.cli import main  # noqa: E402
-from pixeldiffusion.config import load_config  # noqa: E402
-from pixeldiffusion.generate import generate  # noqa: E402
+from pixeldiffusion.config import CONSISTENCY_SAMPLER, Config, load_config  # noqa: E402
+from pixeldiffusion.distill import student_config  # noqa: E402
+from pixeldiffusion.generate import consistency_sigmas_of, generate  # noqa: E402
 from pixeldiffusion.samplers import SAMPLERS  # noqa: E402
 from pixeldiffusion.serve import (  # noqa: E402
     Access,
@@ -48,9 +49,8 @@ CHROMIUM = "/usr/bin/chromium"
 CLASS_NAMES = "zero,one,two"
 
 
-def _write_run(run_dir: Path, overrides: list[str]) -> Path:
-    """An untrained tiny UNet saved as a real checkpoint (step 1) in ``run_dir``."""
-    cfg = load_config(None, overrides)
+def _write_run(run_dir: Path, cfg: Config) -> Path:
+    """An untrained tiny UNet of ``cfg`` saved as a real checkpoint (step 1) in ``run_dir``."""
     torch.manual_seed(0)
     model = build_unet(cfg.model, in_channels=cfg.data.channels, image_size=cfg.data.image_size)
     save_checkpoint(run_dir, 1, model, copy.deepcopy(model), {}, cfg)
@@ -59,18 +59,25 @@ def _write_run(run_dir: Path, overrides: list[str]) -> Path:
 
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory, tiny_args) -> dict[str, Path]:
+    """Tiny checkpoints: unconditional, conditional, and a consistency model with the config
+    ``pixeldiffusion distill`` gives the unconditional one (untrained: the UI's path is what is
+    tested, not the pictures)."""
     root = tmp_path_factory.mktemp("runs")
-    return {"uncond": _write_run(root / "uncond", tiny_args),
-            "cond": _write_run(root / "cond", [*tiny_args, "--model.num_classes", "3",
-                                               "--model.class_names", CLASS_NAMES])}
+    uncond = _write_run(root / "uncond", load_config(None, tiny_args))
+    return {"uncond": uncond,
+            "cond": _write_run(root / "cond", load_config(None, [
+                *tiny_args, "--model.num_classes", "3", "--model.class_names", CLASS_NAMES])),
+            "consistency": _write_run(root / "consistency", student_config(uncond))}
 
 
 @contextlib.contextmanager
 def running_server(runs: dict[str, Path], limits: Limits | None = None,
-                   access: Access | None = None) -> Iterator[tuple[str, JobQueue]]:
-    """The real app under uvicorn on a free 127.0.0.1 port, in a thread."""
+                   access: Access | None = None,
+                   names: tuple[str, ...] = ("uncond", "cond")) -> Iterator[tuple[str, JobQueue]]:
+    """The real app under uvicorn on a free 127.0.0.1 port, in a thread, offering the
+    checkpoints ``names`` of ``runs``."""
     limits, access = limits or Limits(), access or Access()
-    entries = make_entries([runs["uncond"], runs["cond"]])
+    entries = make_entries([runs[name] for name in names])
     queue = JobQueue(entries, torch.device("cpu"), limits)
     server = uvicorn.Server(uvicorn.Config(make_app(queue, limits, access), log_level="warning"))
     sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
@@ -201,12 +208,13 @@ def test_server_limits_bound_steps_and_defaults_come_from_the_checkpoint(runs):
 
 # --- the API over HTTP -------------------------------------------------------------------------
 
-def test_options_offer_the_library_samplers_and_the_checkpoint_classes(runs):
+def test_options_offer_each_checkpoint_its_samplers_and_classes(runs):
     with running_server(runs) as (url, _), httpx.Client(base_url=url) as client:
         options = client.get("/api/options").json()
         page = client.get("/")
-    assert options["samplers"] == list(SAMPLERS)
     uncond, cond = options["checkpoints"]
+    assert uncond["samplers"] == cond["samplers"] == list(SAMPLERS)
+    assert CONSISTENCY_SAMPLER not in uncond["samplers"]
     assert uncond["name"] == str(runs["uncond"]) and uncond["num_classes"] == 0
     assert cond["classes"] == CLASS_NAMES.split(",") and cond["max_steps"] == 50
     assert options["limits"] == {"max_steps": 1000, "max_batch": 64, "max_queue": 8}
@@ -256,6 +264,61 @@ def test_generate_streams_live_frames_then_the_grid_generate_would_draw(runs):
     x_t_frames = [data for kind, data in x_t_events if kind == "frame"]
     assert x_t_frames[0]["image"] != frames[0]["image"]
     assert x_t_events[-1][1]["image"] == events[-1][1]["image"]
+
+
+@pytest.mark.parametrize("steps", [1, 2])
+def test_a_consistency_checkpoint_is_offered_and_sampled_with_its_own_sampler(runs, steps):
+    body = {"checkpoint": str(runs["consistency"]), "sampler": CONSISTENCY_SAMPLER,
+            "steps": steps, "seed": 3, "batch": 4}
+    with running_server(runs, names=("uncond", "consistency")) as (url, _), \
+            httpx.Client(base_url=url) as client:
+        uncond, consistency = client.get("/api/options").json()["checkpoints"]
+        accepted = client.post("/api/generate", json=body)
+        assert accepted.status_code == 202, accepted.text
+        events = events_of(client, accepted.json()["events"])
+
+    assert consistency["samplers"] == [CONSISTENCY_SAMPLER]
+    assert consistency["defaults"]["sampler"] == CONSISTENCY_SAMPLER
+    assert CONSISTENCY_SAMPLER not in uncond["samplers"]
+    assert [kind for kind, _ in events][-1] == "done", events[-1]
+    # the newest frame is the last model call's, at the sampler's last sigma (not int(sigma))
+    loaded = load_checkpoint(runs["consistency"])
+    frames = [data for kind, data in events if kind == "frame"]
+    assert frames[-1]["step"] == frames[-1]["steps"] == steps
+    assert frames[-1]["t"] == pytest.approx(
+        consistency_sigmas_of(loaded.config.consistency, steps)[-1], abs=1e-4)
+    # the grid is what generate() draws with the same settings
+    cfg = replace(loaded.config, sample=replace(loaded.config.sample, steps=steps, seed=3,
+                                                n_samples=4, nrow=2, batch_size=4))
+    expected = grid_png(generate(loaded.model, cfg, torch.device("cpu")).images, 2)
+    assert base64.b64decode(events[-1][1]["image"].split(",", 1)[1]) == expected
+
+
+def test_a_checkpoint_refuses_the_other_kind_of_sampler_with_one_400(runs):
+    with running_server(runs, names=("uncond", "consistency")) as (url, queue), \
+            httpx.Client(base_url=url) as client:
+        diffusion_sampler = client.post("/api/generate", json={
+            "checkpoint": str(runs["consistency"]), "sampler": "ddim", "steps": 2})
+        consistency_sampler = client.post("/api/generate", json={
+            "checkpoint": str(runs["uncond"]), "sampler": CONSISTENCY_SAMPLER})
+    assert diffusion_sampler.status_code == 400
+    assert diffusion_sampler.json() == {"error": f"checkpoint '{runs['consistency']}' is a "
+                                                 f"consistency model; it samples with sampler "
+                                                 f"consistency in 1, 2 or 4 steps, not \"ddim\""}
+    assert consistency_sampler.status_code == 400
+    assert "is a diffusion model; sampler consistency needs a consistency model" in \
+        consistency_sampler.json()["error"]
+    assert not queue.jobs  # nothing was queued
+
+
+def test_consistency_steps_its_mid_sigmas_do_not_fit_are_refused(runs, tmp_path):
+    run = _write_run(tmp_path / "two_step", student_config(
+        runs["uncond"], ["--consistency.mid_sigmas", "0.5"]))
+    entries = make_entries([run])
+    assert parse_request({"steps": 2}, entries, Limits()).sampler == CONSISTENCY_SAMPLER
+    with pytest.raises(RequestError, match=r"^4-step sampling takes 3 intermediate sigmas; got "
+                                           r"1: \[0\.5\] \(config key consistency\.mid_sigmas\)$"):
+        parse_request({"steps": 4}, entries, Limits())
 
 
 def test_conditional_requests_draw_the_chosen_classes(runs):
@@ -518,7 +581,8 @@ def test_the_page_in_chromium_generates_and_shows_live_frames(runs):
     sync_api = pytest.importorskip("playwright.sync_api")
     profile = tempfile.mkdtemp(prefix="pixeldiffusion-chromium-")
     try:
-        with running_server(runs) as (url, _), sync_api.sync_playwright() as playwright:
+        with running_server(runs, names=("uncond", "cond", "consistency")) as (url, _), \
+                sync_api.sync_playwright() as playwright:
             browser = playwright.chromium.launch_persistent_context(
                 profile, executable_path=CHROMIUM, headless=True,
                 args=["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic",
@@ -555,6 +619,15 @@ def test_the_page_in_chromium_generates_and_shows_live_frames(runs):
                                                       "img.naturalWidth") == 2 * 34 + 2
                 href = page.get_attribute("#download", "href")
                 assert httpx.get(url + href).headers["content-type"] == "image/png"
+                # a consistency checkpoint offers its own sampler only, and samples in 1 step
+                page.select_option("#checkpoint", str(runs["consistency"]))
+                assert page.eval_on_selector_all("#sampler option", "o => o.map(x => x.value)") \
+                    == [CONSISTENCY_SAMPLER]
+                assert page.is_hidden("#conditional")
+                page.fill("#steps", "1")
+                page.click("#generate")
+                page.wait_for_selector("#download:not([hidden])", timeout=60_000)
+                assert page.text_content("#status").startswith("done in")
             finally:
                 browser.close()
     finally:

@@ -535,6 +535,13 @@ def _check_consistency(cfg: Config) -> None:
                           f"diffusion.timesteps ({cfg.diffusion.timesteps})")
 
 
+def samplers_for(cfg: Config) -> tuple[str, ...]:
+    """The samplers a checkpoint of ``cfg`` samples with: a consistency model (consistency.method
+    other than none) its own ``CONSISTENCY_SAMPLER`` only, a diffusion model any of ``SAMPLERS``
+    but that one."""
+    return (CONSISTENCY_SAMPLER,) if cfg.consistency.method != "none" else tuple(SAMPLERS)
+
+
 def _check_sampler_kind(cfg: Config) -> None:
     """A consistency model samples with the consistency sampler, a diffusion model never."""
     consistency_model = cfg.consistency.method != "none"

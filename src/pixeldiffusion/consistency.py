@@ -31,7 +31,7 @@ from torch import Tensor
 from .diffusion import x0_eps_from_output
 from .errors import ConfigError
 from .formulations import VPBridge, edm_scalings
-from .schedule import karras_sigmas, sigma_of, timestep_of_sigma
+from .schedule import DeviceTable, karras_sigmas, sigma_of
 
 SIGMA_MIN = 0.002  # Song et al. 2023's epsilon, EDM's sigma_min
 SIGMA_MAX = 80.0  # Song et al. 2023 / EDM / ECT's t_max
@@ -112,12 +112,12 @@ def teacher_denoiser(net: RawNet, bridge: VPBridge) -> Callable[..., Tensor]:
     (timestep_of_sigma clamps; x_t keeps its own scaling), so the teacher is never asked about a
     timestep it did not learn.
     """
-    table = bridge.alphas_cumprod.detach().double().cpu()
+    table = DeviceTable(bridge.alphas_cumprod)  # look-ups on x's device, no host sync per call
     model = bridge.wrap(net)
 
     def D(x: Tensor, sigma: Tensor, y: Tensor | None = None) -> Tensor:
         sigma = sigma.reshape(-1).to(x.dtype)
-        t = timestep_of_sigma(table, sigma.detach().double().cpu())
+        t = table.timestep_of(sigma)
         abar = (1 / (1 + sigma**2)).reshape(-1, 1, 1, 1)  # VP: sigma^2 = (1 - abar) / abar
         x_t = x * abar.sqrt()
         output = model(x_t, t.to(x.device, x.dtype), y=y).to(x.dtype)

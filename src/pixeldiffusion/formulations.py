@@ -17,8 +17,9 @@ the library two things:
 The VP bridge: the samplers' x_t = sqrt(abar) x0 + sqrt(1 - abar) eps is a formulation's
 x = alpha x0 + sigma eps divided by sqrt(alpha^2 + sigma^2), so x = x_t sqrt(alpha^2 + sigma^2)
 (EDM: alpha = 1, x = x_t / sqrt(abar); flow: alpha = 1 - t, sigma = t). The wrapped model reads
-abar at the sampler's (possibly fractional) timestep with ``schedule.alphas_cumprod_at``, the same
-look-up the samplers use, rescales x_t, and returns the denoised x0 (``prediction="x0"``).
+abar at the sampler's (possibly fractional) timestep with ``schedule.alphas_cumprod_at``'s look-up,
+the samplers' own, on the timestep's device (``schedule.DeviceTable``: no host sync per call),
+rescales x_t, and returns the denoised x0 (``prediction="x0"``).
 
 Neither the training loop nor the samplers branch on the formulation's name: they are handed the
 loss and the bridge.
@@ -37,7 +38,7 @@ from torch import Tensor
 
 from .diffusion import training_loss
 from .errors import did_you_mean
-from .schedule import alphas_cumprod_at, alphas_cumprod_from_betas, make_betas, sigma_of
+from .schedule import DeviceTable, alphas_cumprod_from_betas, make_betas, sigma_of
 
 if TYPE_CHECKING:
     from .config import DiffusionConfig
@@ -59,11 +60,6 @@ def _per_sample(values: Tensor, like: Tensor) -> Tensor:
 
 def _randn(shape: tuple[int, ...], like: Tensor, generator: torch.Generator | None) -> Tensor:
     return torch.randn(shape, generator=generator, device=like.device, dtype=like.dtype)
-
-
-def _abar_at(alphas_cumprod: Tensor, t: Tensor) -> Tensor:
-    """abar at the sampler's timesteps t [N] (long or float), float64 [N] on the CPU."""
-    return alphas_cumprod_at(alphas_cumprod, t.detach().double().cpu())
 
 
 # ---------------------------------------------------------------------------------------------
@@ -130,10 +126,10 @@ class EDMLoss:
 def edm_vp_model(net: Net, alphas_cumprod: Tensor, *, sigma_data: float = 0.5) -> VPModel:
     """An EDM network as the samplers' ``model(x_t, t, y=None) -> x0`` over ``alphas_cumprod``:
     sigma = sqrt((1 - abar_t) / abar_t), x = x_t / sqrt(abar_t), x0 = D(x; sigma)."""
-    table = alphas_cumprod.detach().double().cpu()
+    table = DeviceTable(alphas_cumprod)
 
     def model(x_t: Tensor, t: Tensor, y: Tensor | None = None) -> Tensor:
-        abar = _abar_at(table, t)
+        abar = table.abar_at(t)
         x = x_t / _per_sample(abar.sqrt(), x_t).to(x_t.device, x_t.dtype)
         sigma = sigma_of(abar).to(x_t.device, x_t.dtype)
         return edm_denoise(net, x, sigma, sigma_data=sigma_data, y=y)
@@ -265,10 +261,10 @@ def flow_vp_model(net: Net, alphas_cumprod: Tensor, *, prediction: str = "v") ->
     """A flow network as the samplers' ``model(x_t, t, y=None) -> x0`` over ``alphas_cumprod``:
     t_flow = sigma / (1 + sigma) with EDM's sigma of abar_t, and x = x_t sqrt(alpha^2 + sigma^2)
     with alpha = 1 - t_flow, sigma = t_flow (see the module docstring)."""
-    table = alphas_cumprod.detach().double().cpu()
+    table = DeviceTable(alphas_cumprod)
 
     def model(x_t: Tensor, t: Tensor, y: Tensor | None = None) -> Tensor:
-        t_flow = flow_t_of_sigma(sigma_of(_abar_at(table, t)))
+        t_flow = flow_t_of_sigma(sigma_of(table.abar_at(t)))
         scale = ((1 - t_flow) ** 2 + t_flow**2).sqrt()
         x = x_t * _per_sample(scale, x_t).to(x_t.device, x_t.dtype)
         return flow_x0(net, x, t_flow.to(x_t.device, x_t.dtype), prediction=prediction, y=y)

@@ -12,7 +12,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from .config import CONSISTENCY_SAMPLER, Config, SampleConfig, from_dict
+from .config import CONSISTENCY_SAMPLER, Config, ConsistencyConfig, SampleConfig, from_dict
 from .device import conv_width, make_generator, resolve_precision, use_fast_kernels
 from .errors import PixelDiffusionError
 from .files import atomic_write
@@ -153,6 +153,19 @@ def generate(model: torch.nn.Module, cfg: Config, device: torch.device, *,
     return Generated(torch.cat(images), torch.cat(frames) if frames else None, labels, timesteps)
 
 
+def consistency_sigmas_of(c: ConsistencyConfig, steps: int) -> list[float]:
+    """The noise levels of ``steps``-call sampling of a consistency model with section ``c``
+    (``consistency.consistency_sigmas``); steps that its ``mid_sigmas`` do not fit are the
+    user's, one PixelDiffusionError sentence naming the key."""
+    from .consistency import consistency_sigmas
+
+    try:
+        return consistency_sigmas(steps, sigma_max=c.sigma_max, sigma_min=c.sigma_min,
+                                  mid_sigmas=c.mid_sigmas or None)
+    except ValueError as err:
+        raise PixelDiffusionError(f"{err} (config key consistency.mid_sigmas)") from None
+
+
 def generate_consistency(model: torch.nn.Module, cfg: Config, device: torch.device, *,
                          mode: str = "sample", micro_batch: int | None = None,
                          interval: int | None = None, guidance: float | None = None,
@@ -163,18 +176,14 @@ def generate_consistency(model: torch.nn.Module, cfg: Config, device: torch.devi
     calls at ``consistency.consistency_sigmas``, from the same noise images ``generate`` draws,
     with classifier-free guidance wrapped around f. Frames and ``callback`` get x_t in the
     samplers' VP scaling, x / sqrt(1 + sigma^2), and t = sigma."""
-    from .consistency import consistency_sample, consistency_sigmas, student_function
+    from .consistency import consistency_sample, student_function
     from .formulations import bridge_for
 
     s, c = cfg.sample, cfg.consistency
     if c.method == "none":
         raise PixelDiffusionError("sampler 'consistency' needs a consistency model; tune one "
                                   "with pixeldiffusion distill, or pick a diffusion sampler")
-    try:
-        sigmas = consistency_sigmas(s.steps, sigma_max=c.sigma_max, sigma_min=c.sigma_min,
-                                    mid_sigmas=c.mid_sigmas or None)
-    except ValueError as err:
-        raise PixelDiffusionError(f"{err} (config key consistency.mid_sigmas)") from None
+    sigmas = consistency_sigmas_of(c, s.steps)
     micro_batch, interval = micro_batch or s.batch_size, interval or 1
     fast = sampling_network(model, device, precision=s.precision, compile=s.compile)
     f = student_function(fast, bridge_for(cfg.diffusion), sigma_min=c.sigma_min,

@@ -1,7 +1,8 @@
 """Noise schedules (beta_t, alphas_cumprod) and the timestep sequences a sampler walks.
 
 All schedule math is float64 on the CPU; callers cast to their device and dtype (MPS has no
-float64). Index convention: the T noise levels are t = 0 .. T-1, as in the DDPM code, where
+float64). The one exception is ``DeviceTable``: the same look-ups, per model call, on the
+input's device. Index convention: the T noise levels are t = 0 .. T-1, as in the DDPM code, where
 t = 0 is the first noising step (x_1 in the paper's 1-based notation).
 """
 
@@ -115,23 +116,88 @@ def alphas_cumprod_at(alphas_cumprod: Tensor, t: Tensor | float) -> Tensor | flo
         return float(alphas_cumprod_at(alphas_cumprod, t))
     ac = alphas_cumprod.detach().double().cpu()
     t = t.to(dtype=torch.float64, device="cpu")
-    if not bool(((t >= 0) & (t <= len(ac) - 1)).all()):
-        raise ValueError(f"timesteps must lie in [0, {len(ac) - 1}]; got {t.tolist()}")
+    _check_timesteps(t, len(ac))
+    return _abar_at(ac, sigma_of(ac).log(), t)
+
+
+def _check_timesteps(t: Tensor, T: int) -> None:
+    """ValueError unless every timestep in ``t`` (on the CPU) lies in [0, T-1]."""
+    if not bool(((t >= 0) & (t <= T - 1)).all()):
+        raise ValueError(f"timesteps must lie in [0, {T - 1}]; got {t.tolist()}")
+
+
+def _abar_at(ac: Tensor, log_sigma: Tensor, t: Tensor) -> Tensor:
+    """``alphas_cumprod_at`` of float64 t in [0, T-1] (not checked) on t's device, where
+    ``ac`` and its ``log_sigma`` (float64 [T]) already are: exact on integers, log(sigma)
+    linear between them."""
     low = t.floor().long()
     high = (low + 1).clamp(max=len(ac) - 1)
     frac = t - low
-    log_sigma = sigma_of(ac).log()
     interpolated = log_sigma[low] * (1 - frac) + log_sigma[high] * frac
     return torch.where(frac == 0, ac[low], 1 / (1 + (2 * interpolated).exp()))
 
 
 def timestep_of_sigma(alphas_cumprod: Tensor, sigma: Tensor) -> Tensor:
     """The float timestep t whose noise level is ``sigma`` (inverse of ``alphas_cumprod_at``;
-    log(sigma) linear between integer steps). sigma is clamped to the schedule's range."""
-    log_sigma = sigma_of(alphas_cumprod).log().numpy()
+    log(sigma) linear between integer steps). sigma is clamped to the schedule's range.
+    float64 of sigma's shape, on the CPU."""
+    log_sigma = sigma_of(alphas_cumprod.detach().cpu()).log()
     target = np.log(np.asarray(sigma, dtype=np.float64))
-    t = np.interp(target, log_sigma, np.arange(len(log_sigma), dtype=np.float64))
-    return torch.as_tensor(t, dtype=torch.float64)
+    return _timestep_of(log_sigma, torch.as_tensor(target, dtype=torch.float64))
+
+
+def _timestep_of(log_sigma: Tensor, target: Tensor) -> Tensor:
+    """``np.interp(target, log_sigma, arange(T))`` in the same float64 arithmetic, on the
+    device of ``target`` (log sigma, any shape) and ``log_sigma`` (float64 [T], increasing):
+    0 below the table, T - 1 at or above its end."""
+    T = len(log_sigma)
+    j = (torch.searchsorted(log_sigma, target.contiguous(), right=True) - 1).clamp(0, T - 2)
+    slope = 1.0 / (log_sigma[j + 1] - log_sigma[j])  # numpy's (fp[j+1] - fp[j]) / (...), fp = t
+    t = slope * (target - log_sigma[j]) + j
+    t = torch.where(target >= log_sigma[-1], T - 1.0, t)
+    return torch.where(target < log_sigma[0], 0.0, t)
+
+
+class DeviceTable:
+    """A VP table's per-model-call look-ups on the input's device: ``abar_at(t)`` is
+    ``alphas_cumprod_at`` and ``timestep_of(sigma)`` ``timestep_of_sigma``, with the same
+    float64 arithmetic, but the table and its log sigma are copied to each device once, so a
+    call on a GPU costs no copy to the host and no host sync. MPS, which has no float64, looks
+    up on the CPU. Results are float64 of the input's shape; callers cast as before.
+
+    alphas_cumprod: float64 [T] (any device). Timesteps are checked against [0, T-1] on the CPU
+    only (the check reads the values; elsewhere it would stall the GPU): the samplers' timesteps
+    are checked before their loop (``sampling_timesteps``).
+    """
+
+    def __init__(self, alphas_cumprod: Tensor) -> None:
+        ac = alphas_cumprod.detach().double().cpu()
+        self.T = len(ac)
+        self._copies: dict[torch.device, tuple[Tensor, Tensor]] = {
+            torch.device("cpu"): (ac, sigma_of(ac).log())}
+
+    def _on(self, device: torch.device) -> tuple[Tensor, Tensor]:
+        """(abar, log sigma) on ``device`` (the CPU for MPS), copied there on first use."""
+        if device.type == "mps":
+            device = torch.device("cpu")
+        if device not in self._copies:
+            ac, log_sigma = self._copies[torch.device("cpu")]
+            self._copies[device] = (ac.to(device), log_sigma.to(device))
+        return self._copies[device]
+
+    def abar_at(self, t: Tensor) -> Tensor:
+        """abar at the timesteps ``t`` (long or float, any shape, in [0, T-1])."""
+        ac, log_sigma = self._on(t.device)
+        t = t.detach().to(device=ac.device, dtype=torch.float64)
+        if t.device.type == "cpu":
+            _check_timesteps(t, self.T)
+        return _abar_at(ac, log_sigma, t)
+
+    def timestep_of(self, sigma: Tensor) -> Tensor:
+        """The float timestep of each noise level in ``sigma`` (> 0, any shape), clamped to the
+        table's range."""
+        _, log_sigma = self._on(sigma.device)
+        return _timestep_of(log_sigma, sigma.detach().to(log_sigma.device, torch.float64).log())
 
 
 SPACINGS = ("uniform", "leading", "linspace", "quadratic", "karras", "logsnr")

@@ -2,7 +2,7 @@
 Events API around ``generate()``.
 
     GET  /                         the page (static/index.html)
-    GET  /api/options              checkpoints (with their classes), samplers, limits
+    GET  /api/options              checkpoints (with their samplers and classes), limits
     POST /api/generate             validate a request, queue it: 202 {"job", "position"};
                                    400 {"error"} for a bad parameter, 503 when the queue is full
     GET  /api/jobs/{id}/events     text/event-stream: queued, start, frame..., done | error
@@ -56,10 +56,10 @@ from .checkpoint import (
     read_metadata,
     resolve_weights_path,
 )
-from .config import CONSISTENCY_SAMPLER, Config, from_dict
+from .config import CONSISTENCY_SAMPLER, Config, from_dict, samplers_for
 from .device import precision_rule
 from .errors import PixelDiffusionError, did_you_mean
-from .generate import generate
+from .generate import consistency_sigmas_of, generate
 from .guidance import class_names_or_indices, parse_class
 from .images import make_grid, to_pil, to_uint8
 from .samplers import SAMPLERS
@@ -234,17 +234,26 @@ def parse_request(body: Any, entries: Sequence[Entry], limits: Limits) -> Reques
     s, m = cfg.sample, cfg.model
 
     sampler = body.get("sampler") or s.sampler
-    if cfg.consistency.method != "none" and sampler != CONSISTENCY_SAMPLER:
-        raise RequestError(f"{_echo(name)} is a consistency model; it samples with sampler "
-                           f"consistency in 1, 2 or 4 steps, not {_echo(sampler)}")
-    if cfg.consistency.method == "none" and (not isinstance(sampler, str)
-                                             or sampler not in SAMPLERS):
+    consistency_model = cfg.consistency.method != "none"
+    if not isinstance(sampler, str) or sampler not in samplers_for(cfg):
+        if consistency_model:
+            raise RequestError(f"checkpoint '{name}' is a consistency model; it samples with "
+                               f"sampler consistency in 1, 2 or 4 steps, not {_echo(sampler)}")
+        if sampler == CONSISTENCY_SAMPLER:
+            raise RequestError(f"checkpoint '{name}' is a diffusion model; sampler consistency "
+                               f"needs a consistency model (pixeldiffusion distill), so use one "
+                               f"of {', '.join(SAMPLERS)}")
         raise RequestError(f"unknown sampler {_echo(sampler)}; use one of "
                            f"{', '.join(SAMPLERS)}")
     T = cfg.diffusion.timesteps
     max_steps = min(limits.max_steps, T)
     why = " (the model's timesteps)" if max_steps == T else " (the server's --max_steps)"
     steps = _integer(body, "steps", min(s.steps, max_steps), 1, max_steps, why)
+    if consistency_model:
+        try:
+            consistency_sigmas_of(cfg.consistency, steps)
+        except PixelDiffusionError as err:
+            raise RequestError(str(err)) from None
     seed = _integer(body, "seed", s.seed, 0, MAX_SEED, "")
     batch = _integer(body, "batch", min(16, limits.max_batch), 1, limits.max_batch,
                      " (the server's --max_batch)")
@@ -475,7 +484,9 @@ class JobQueue:
             canvas[info["start"]:info["start"] + len(x)] = x.float().cpu()
             step = info["i"] + 1
             if step % stride == 0 or step == r.steps:
-                job.emit("frame", {"step": step, "steps": r.steps, "t": int(info["t"]),
+                t = float(info["t"])  # a timestep, or a consistency model's sigma
+                job.emit("frame", {"step": step, "steps": r.steps,
+                                   "t": int(t) if t.is_integer() else round(t, 4),
                                    "image": png_data_url(canvas, nrow)})
 
         generated = generate(loaded.model, cfg, self.device, micro_batch=n,
@@ -676,6 +687,7 @@ def describe(entry: Entry, limits: Limits) -> dict[str, Any]:
     cfg, step = entry.config()
     m, s = cfg.model, cfg.sample
     return {"name": entry.name, "step": step, "timesteps": cfg.diffusion.timesteps,
+            "samplers": list(samplers_for(cfg)),
             "max_steps": min(limits.max_steps, cfg.diffusion.timesteps),
             "image_size": cfg.data.image_size, "channels": cfg.data.channels,
             "num_classes": m.num_classes,
@@ -712,8 +724,7 @@ def make_app(queue: JobQueue, limits: Limits, access: Access = Access()) -> Any:
             checkpoints = [describe(e, limits) for e in entries]
         except PixelDiffusionError as err:
             return JSONResponse({"error": str(err)}, status_code=500)
-        return JSONResponse({"checkpoints": checkpoints, "samplers": list(SAMPLERS),
-                             "views": list(VIEWS),
+        return JSONResponse({"checkpoints": checkpoints, "views": list(VIEWS),
                              "limits": {"max_steps": limits.max_steps,
                                         "max_batch": limits.max_batch,
                                         "max_queue": limits.max_queue}})

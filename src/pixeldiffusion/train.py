@@ -41,7 +41,7 @@ from .checkpoint import (
 )
 from .config import Config, save_config
 from .data import ImageDataset, load_dataset, make_loader, random_hflip
-from .device import make_generator, resolve_device, resolve_precision, use_fast_kernels
+from .device import conv_width, make_generator, resolve_device, resolve_precision, use_fast_kernels
 from .errors import CheckpointError, ConfigError, PixelDiffusionError
 from .formulations import loss_for
 from .guidance import drop_labels
@@ -607,8 +607,10 @@ def _make_accelerator(cfg: Config):
         torch.cuda.set_device(device)  # accelerate's single-process device is the current one
     mixed_precision = cfg.train.mixed_precision
     if mixed_precision == "auto":
-        width = cfg.model.channels * max(cfg.model.channel_mult)  # device.conv_width of the UNet
-        chosen = resolve_precision("auto", device, width).precision
+        with torch.device("meta"):  # the architecture only: no weights are allocated
+            model = build_unet(cfg.model, in_channels=cfg.data.channels,
+                               image_size=cfg.data.image_size)
+        chosen = resolve_precision("auto", device, conv_width(model)).precision
         mixed_precision = "bf16" if chosen == "bf16" else "no"
     return Accelerator(mixed_precision=mixed_precision, cpu=device.type == "cpu")
 
