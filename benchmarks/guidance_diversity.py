@@ -32,6 +32,7 @@ from digits_score import held_out_digits
 from pixeldiffusion import evaluate
 from pixeldiffusion.checkpoint import load_checkpoint
 from pixeldiffusion.config import apply_overrides
+from pixeldiffusion.errors import PixelDiffusionError
 from pixeldiffusion.features import digit_extractor
 from pixeldiffusion.guidance import load_guidance_model
 from pixeldiffusion.image_sets import Images
@@ -73,11 +74,14 @@ def main() -> None:
         parser.error("the auto settings need --guide CHECKPOINT (a worse version of the model)")
     args.out.mkdir(parents=True, exist_ok=True)
 
-    loaded = load_checkpoint(args.checkpoint, device="cpu")
+    try:
+        loaded = load_checkpoint(args.checkpoint, device="cpu")
+        guide = load_guidance_model(args.guide, loaded.config) if args.guide else None
+    except PixelDiffusionError as err:  # a missing, corrupt or mismatched checkpoint: one line
+        parser.error(str(err))
     if not loaded.config.model.num_classes:
         parser.error(f"{args.checkpoint} is unconditional; class accuracy needs a "
                      "class-conditional model (e.g. configs/mnist_cond_cosine.yaml)")
-    guide = load_guidance_model(args.guide, loaded.config) if args.guide else None
     extractor = digit_extractor()
     reference = reference_features("digits", extractor, resolution=32, channels=1)
     floor = evaluate.score(Images(held_out_digits()[:args.samples], None, ""), reference,

@@ -43,3 +43,44 @@ def test_quality_per_minute_runs_our_recipes_alone(tmp_path):
     assert "held-out real digits (floor)" in result.stdout
     assert (out / "side_by_side.png").is_file()
     assert all(fid > 0 for _, fid in rows.values())
+
+
+def _guidance_diversity(*args):
+    return subprocess.run([sys.executable, str(REPO / "benchmarks" / "guidance_diversity.py"),
+                           *map(str, args)], capture_output=True, text=True, timeout=600)
+
+
+def test_guidance_diversity_scores_each_setting_against_the_unguided_model(tmp_path):
+    """A tiny class-conditional run and its step-2 checkpoint as the guide: the table has the
+    unguided row first (1.00 x itself), one row per setting, autoguidance at twice the model
+    calls (two networks), an interval that guides only some steps in between, and every class
+    accuracy a percentage; a grid per row. Bad input is one line, exit 2."""
+    from pixeldiffusion.cli import main
+
+    run = tmp_path / "run"
+    assert main(["train", "-e", str(run), "--no_progress", *TINY, "--model.num_classes", "10",
+                 "--train.save_every", "2", "--diffusion.timesteps", "1000"]) == 0
+    guide = run / "checkpoints" / "step-0000002"
+    out = tmp_path / "out"
+    done = _guidance_diversity(run, "--guide", guide, "--samples", "40", "--out", out,
+                               "--settings", "cfg=1.5", "auto=2", "auto=2@0.5-5")
+    assert done.returncode == 0, done.stderr[-3000:]
+    rows = re.findall(r"^\| ([^|]+) \| (\d+) \| ([\d.]+) \| ([\d.]+) \| [\d.]+ \| [\d.]+ \| "
+                      r"([\d.]+)% \|", done.stdout, re.M)
+    names = [r[0] for r in rows]
+    assert names == ["unguided (w = 1)", "cfg w=1.5", "auto w=2", "auto w=2 sigma in (0.5, 5]"]
+    nfe = {name: int(n) for name, n, *_ in rows}
+    assert nfe["cfg w=1.5"] == nfe["unguided (w = 1)"] == 3  # CFG: one batched pass a step
+    assert nfe["auto w=2"] == 6  # autoguidance: the model and the guide every step
+    assert 3 < nfe["auto w=2 sigma in (0.5, 5]"] < 6, nfe  # guided on some steps only
+    assert float(rows[0][3]) == 1.0
+    assert all(0 <= float(r[4]) <= 100 for r in rows)
+    assert len(list(out.glob("*.png"))) == 4
+
+    bad = _guidance_diversity(run, "--settings", "auto=2", "--out", out)
+    assert bad.returncode == 2 and "need --guide" in bad.stderr
+    bad = _guidance_diversity(run, "--settings", "cfg=two", "--out", out)
+    assert bad.returncode == 2 and "KIND=W" in bad.stderr
+    bad = _guidance_diversity(run, "--guide", tmp_path / "nowhere.safetensors", "--out", out)
+    assert bad.returncode == 2 and "does not exist" in bad.stderr
+    assert "Traceback" not in bad.stderr
