@@ -63,6 +63,27 @@ def test_distill_trains_samples_and_sweeps_through_the_cli(teacher, tmp_path, ca
     assert [r["nfe"] for r in rows] == [1, 2, 4]
 
 
+def test_sample_takes_the_intermediate_sigmas(teacher, tmp_path, capsys):
+    """``sample --mid_sigmas``: other intermediate noise levels change the 2-step images (same
+    noise); a count that does not fit --steps, and the flag on a diffusion model, are one line."""
+    student = tmp_path / "student"
+    assert main(["distill", "-cp", str(teacher), "-e", str(student), *DISTILL]) == 0
+    drawn = {}
+    for mids in ("0.5", "0.2"):  # this tiny teacher's 50-step table ends at sigma 0.81
+        out = tmp_path / mids
+        assert main(["sample", "-cp", str(student), "--steps", "2", "-bs", "4", "--mid_sigmas",
+                     mids, "-sp", str(out / "grid.png"), "--save_dir", str(out)]) == 0
+        drawn[mids] = np.load(out / "samples.npz")["images"]
+    assert not np.array_equal(drawn["0.5"], drawn["0.2"])
+    capsys.readouterr()
+    for argv, message in [
+            (["-cp", str(student), "--steps", "3", "--mid_sigmas", "0.5"], "mid_sigmas"),
+            (["-cp", str(teacher), "--mid_sigmas", "2.5"], "is a diffusion model")]:
+        assert main(["sample", *argv, "-bs", "2", "-sp", str(tmp_path / "x.png")]) == 2
+        err = capsys.readouterr().err
+        assert message in err and err.count("\n") == 1, err
+
+
 def test_distill_resumes_exactly(teacher, tmp_path):
     """4 steps in one go == 2 steps, stop, resume, 2 more (dropout on: the RNG states, the
     optimizer, the step that ECT's r(t) reads and the EMA must all be restored)."""

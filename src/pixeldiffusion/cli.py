@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING
 from .errors import PixelDiffusionError
 
 if TYPE_CHECKING:
+    from .config import Config
     from .evaluate import EvalOptions
 
 SAMPLE_HELP = """examples:
@@ -173,6 +174,10 @@ def _add_sample(commands: argparse._SubParsersAction) -> None:
                         ">1 guided (default: the checkpoint's sample.guidance); with "
                         "--guidance_model the autoguidance weight")
     _add_guidance_model(s)
+    s.add_argument("--mid_sigmas", metavar="SIGMAS",
+                   help="consistency models: the --steps - 1 intermediate noise levels, "
+                        "descending, comma-separated, e.g. 2.5 for 2 steps (default: the "
+                        "checkpoint's consistency.mid_sigmas; empty there = ECT's 0.821)")
     s.add_argument("--precision", choices=("auto", "fp32", "bf16", "fp16"),
                    help="autocast dtype of the model calls (default: the checkpoint's, auto = "
                         "bf16 where the device runs it natively and the model is wide enough, "
@@ -257,6 +262,7 @@ def _sample(args: argparse.Namespace, overrides: list[str]) -> int:
     device = resolve_device(args.device)
     loaded = load_checkpoint(args.checkpoint, use_ema=args.load_ema, device=device)
     cfg = with_sample_options(loaded.config, **{key: getattr(args, key) for key in SAMPLE_KEYS})
+    cfg = _with_mid_sigmas(cfg, args.mid_sigmas)
     guide = None if args.guidance_model is None else load_guidance_model(
         args.guidance_model, loaded.config, device=device, use_ema=args.load_ema)
     mode = "sample" if args.result_only else args.mode
@@ -280,6 +286,20 @@ def _sample(args: argparse.Namespace, overrides: list[str]) -> int:
     for path in written:
         print(path)
     return 0
+
+
+def _with_mid_sigmas(cfg: Config, text: str | None) -> Config:
+    """``cfg`` with ``--mid_sigmas`` as its consistency.mid_sigmas (checked by the config's
+    rules; a count that does not fit --steps is refused when sampling starts)."""
+    from .config import apply_overrides
+
+    if text is None:
+        return cfg
+    if cfg.consistency.method == "none":
+        raise PixelDiffusionError("--mid_sigmas sets a consistency model's intermediate noise "
+                                  "levels; this checkpoint is a diffusion model (tune one with "
+                                  "pixeldiffusion distill, or drop --mid_sigmas)")
+    return apply_overrides(cfg, [("consistency.mid_sigmas", text)])
 
 
 def _add_serve(commands: argparse._SubParsersAction) -> None:
