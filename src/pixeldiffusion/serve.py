@@ -207,6 +207,36 @@ def _integer(body: dict[str, Any], key: str, default: int, low: int, high: int,
     return value
 
 
+def _sampler_and_steps(body: dict[str, Any], name: str, cfg: Config,
+                       limits: Limits) -> tuple[str, int]:
+    """The request's sampler (one the checkpoint offers, ``config.samplers_for``) and steps
+    (within the model's timesteps and the server's --max_steps; for a consistency model, a
+    count its ``consistency.mid_sigmas`` fit), each RequestError naming the fix."""
+    s = cfg.sample
+    sampler = body.get("sampler") or s.sampler
+    consistency_model = cfg.consistency.method != "none"
+    if not isinstance(sampler, str) or sampler not in samplers_for(cfg):
+        if consistency_model:
+            raise RequestError(f"checkpoint '{name}' is a consistency model; it samples with "
+                               f"sampler consistency in 1, 2 or 4 steps, not {_echo(sampler)}")
+        if sampler == CONSISTENCY_SAMPLER:
+            raise RequestError(f"checkpoint '{name}' is a diffusion model; sampler consistency "
+                               f"needs a consistency model (pixeldiffusion distill), so use one "
+                               f"of {', '.join(SAMPLERS)}")
+        raise RequestError(f"unknown sampler {_echo(sampler)}; use one of "
+                           f"{', '.join(SAMPLERS)}")
+    T = cfg.diffusion.timesteps
+    max_steps = min(limits.max_steps, T)
+    why = " (the model's timesteps)" if max_steps == T else " (the server's --max_steps)"
+    steps = _integer(body, "steps", min(s.steps, max_steps), 1, max_steps, why)
+    if consistency_model:
+        try:
+            consistency_sigmas_of(cfg.consistency, steps)
+        except PixelDiffusionError as err:
+            raise RequestError(str(err)) from None
+    return sampler, steps
+
+
 def parse_request(body: Any, entries: Sequence[Entry], limits: Limits) -> Request:
     """Check every parameter of a generate request against the checkpoint and ``limits``.
 
@@ -233,27 +263,7 @@ def parse_request(body: Any, entries: Sequence[Entry], limits: Limits) -> Reques
     cfg, _ = entry.config()
     s, m = cfg.sample, cfg.model
 
-    sampler = body.get("sampler") or s.sampler
-    consistency_model = cfg.consistency.method != "none"
-    if not isinstance(sampler, str) or sampler not in samplers_for(cfg):
-        if consistency_model:
-            raise RequestError(f"checkpoint '{name}' is a consistency model; it samples with "
-                               f"sampler consistency in 1, 2 or 4 steps, not {_echo(sampler)}")
-        if sampler == CONSISTENCY_SAMPLER:
-            raise RequestError(f"checkpoint '{name}' is a diffusion model; sampler consistency "
-                               f"needs a consistency model (pixeldiffusion distill), so use one "
-                               f"of {', '.join(SAMPLERS)}")
-        raise RequestError(f"unknown sampler {_echo(sampler)}; use one of "
-                           f"{', '.join(SAMPLERS)}")
-    T = cfg.diffusion.timesteps
-    max_steps = min(limits.max_steps, T)
-    why = " (the model's timesteps)" if max_steps == T else " (the server's --max_steps)"
-    steps = _integer(body, "steps", min(s.steps, max_steps), 1, max_steps, why)
-    if consistency_model:
-        try:
-            consistency_sigmas_of(cfg.consistency, steps)
-        except PixelDiffusionError as err:
-            raise RequestError(str(err)) from None
+    sampler, steps = _sampler_and_steps(body, name, cfg, limits)
     seed = _integer(body, "seed", s.seed, 0, MAX_SEED, "")
     batch = _integer(body, "batch", min(16, limits.max_batch), 1, limits.max_batch,
                      " (the server's --max_batch)")
