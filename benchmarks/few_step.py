@@ -115,7 +115,8 @@ def main() -> None:
     for n_steps in (int(s) for s in args.steps.split(",")):
         images, speed = draw(student.model, student.config, args.samples, steps=n_steps)
         pictures[f"tuned {n_steps}"] = images[:8]
-        rows.append((f"tuned ({steps} steps of ECT), {n_steps} step(s)", n_steps,
+        method = student.config.consistency.method.upper()
+        rows.append((f"tuned ({steps} steps of {method}), {n_steps} step(s)", n_steps,
                      digit_fid(images), f"{speed:.0f}"))
     for nfe in (int(s) for s in args.nfe.split(",")):
         best = None

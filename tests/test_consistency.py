@@ -30,6 +30,7 @@ from pixeldiffusion.consistency import (
     ect_r,
     student_function,
     teacher_denoiser,
+    teacher_ode_step,
 )
 from pixeldiffusion.errors import ConfigError
 from pixeldiffusion.formulations import bridge_for
@@ -191,6 +192,82 @@ def test_ect_pair_loss_matches_the_closed_form_on_a_gaussian():
         got = ect_pair_loss(f, x0, eps, t, r, c=c, sigma_min=sigma_min)
         torch.testing.assert_close(got, expected, rtol=1e-9, atol=1e-12)
         assert (got[:-1] > 0).all()
+
+
+def gaussian_denoiser(mu, s):
+    """The exact EDM denoiser D(x, sigma, y) of N(mu_y, s^2 I): mu + (x - mu) s^2 / (s^2 + sigma^2)."""
+    means = torch.as_tensor(mu, dtype=torch.float64).reshape(-1)
+
+    def D(x, sigma, y=None):
+        labels = torch.zeros(x.shape[0], dtype=torch.long) if y is None else y
+        m = means[labels].to(x.dtype).reshape(-1, 1, 1, 1)
+        sigma = sigma.reshape(-1, 1, 1, 1).to(x.dtype)
+        return m + (x - m) * s**2 / (s**2 + sigma**2)
+    return D
+
+
+@pytest.mark.parametrize("solver", ["euler", "heun"])
+@pytest.mark.parametrize("sigma_min", [SIGMA_MIN, 0.0])
+def test_cd_loss_is_zero_for_the_exact_function_and_teacher_of_point_masses(solver, sigma_min):
+    """Consistency distillation (``ECTLoss(teacher=)``): for one point per class the ODE paths
+    are straight lines, so both solvers' steps land on them and the exact f* has zero loss."""
+    mu = [0.3, -0.6, 0.0]
+    y = torch.tensor([0, 1] * 16)
+    x0 = torch.tensor(mu[:2], dtype=torch.float64)[y].reshape(-1, 1, 1, 1).expand(-1, 1, 4, 4)
+    loss_fn = ECTLoss(sigma_min=sigma_min, d=100, teacher=gaussian_denoiser(mu, 0.0),
+                      solver=solver)
+    for step in [0, 150, 1000]:
+        loss = loss_fn(GaussianOracle(mu, 0.0, sigma_min), x0.contiguous(), y=y, step=step,
+                       generator=torch.Generator().manual_seed(step))
+        assert loss.item() < 1e-9
+        bad = loss_fn(GaussianOracle(mu, 0.0, sigma_min, offset=0.05), x0.contiguous(), y=y,
+                      step=step, generator=torch.Generator().manual_seed(step))
+        assert bad.item() > 1e-2
+
+
+def test_cd_pair_loss_of_the_exact_function_vanishes_at_the_solvers_order():
+    """On N(mu, s^2) with s > 0 and the exact teacher, the teacher's step from x_t stays on x_t's
+    trajectory up to the solver's local error, O(dt^2) for Euler and O(dt^3) for Heun, so f*'s
+    pair loss (weighted by 1 / dt) falls like dt and dt^2; consistency training's x0 + r eps
+    is not on the trajectory and its loss tends to a positive limit instead."""
+    mu, s, sigma_min = 0.3, 0.5, SIGMA_MIN
+    generator = torch.Generator().manual_seed(11)
+    x0 = mu + s * torch.randn(64, 1, 4, 4, generator=generator, dtype=torch.float64)
+    eps = torch.randn(64, 1, 4, 4, generator=generator, dtype=torch.float64)
+    t = torch.full((64,), 1.0, dtype=torch.float64)
+    f = ConsistencyFunction(GaussianOracle([mu], s, sigma_min), sigma_min=sigma_min)
+    teacher = gaussian_denoiser([mu], s)
+
+    def loss(dt, **kwargs):
+        return ect_pair_loss(f, x0, eps, t, t - dt, sigma_min=sigma_min, **kwargs).mean().item()
+
+    euler = [loss(dt, teacher=teacher, solver="euler") for dt in (0.02, 0.01)]
+    heun = [loss(dt, teacher=teacher, solver="heun") for dt in (0.02, 0.01)]
+    ct = [loss(dt) for dt in (0.1, 0.05, 0.001)]
+    assert euler[0] / euler[1] == pytest.approx(2.0, rel=0.1)
+    assert heun[0] / heun[1] == pytest.approx(4.0, rel=0.1)
+    assert heun[0] < euler[0] / 10
+    assert ct[2] > ct[0] / 2 > 10 * euler[0]  # training's estimator does not vanish
+
+
+def test_teacher_ode_step_matches_edm_euler_and_heun_by_hand():
+    D = gaussian_denoiser([0.2], 0.4)
+    x = torch.full((2, 1, 2, 2), 1.5, dtype=torch.float64)
+    t = torch.tensor([2.0, 2.0], dtype=torch.float64)
+    r = torch.tensor([1.0, 0.0], dtype=torch.float64)
+    d_t = (1.5 - (0.2 + 1.3 * 0.16 / 4.16)) / 2.0
+    euler = 1.5 - d_t
+    x_e = torch.tensor(euler)
+    d_r = (euler - (0.2 + (x_e.item() - 0.2) * 0.16 / 1.16)) / 1.0
+    got = teacher_ode_step(D, x, t, r, solver="heun")
+    assert got[0].flatten().tolist() == pytest.approx([1.5 - (d_t + d_r) / 2] * 4, rel=1e-12)
+    assert got[1].flatten().tolist() == pytest.approx([1.5 - 2 * d_t] * 4, rel=1e-12)  # r = 0
+    torch.testing.assert_close(teacher_ode_step(D, x, t, r)[0],
+                               torch.full((1, 2, 2), euler, dtype=torch.float64))
+    with pytest.raises(ConfigError, match="unknown ODE solver 'rk4'"):
+        teacher_ode_step(D, x, t, r, solver="rk4")
+    with pytest.raises(ConfigError, match="ECT's solver must be euler or heun"):
+        ECTLoss(solver="rk4")
 
 
 def test_ect_target_is_stopgrad():

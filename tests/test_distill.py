@@ -63,6 +63,25 @@ def test_distill_trains_samples_and_sweeps_through_the_cli(teacher, tmp_path, ca
     assert [r["nfe"] for r in rows] == [1, 2, 4]
 
 
+def test_cd_distills_through_the_cli_with_the_teachers_ode_step(teacher, tmp_path):
+    """``distill --method cd``: the checkpoint says cd and its solver, sampling works, and the
+    tuned weights differ from ECT's on the same data, seeds and steps (the target is the
+    teacher's ODE step, not x0 + r eps)."""
+    runs = {}
+    for method in ("ect", "cd"):
+        runs[method] = tmp_path / method
+        assert main(["distill", "-cp", str(teacher), "-e", str(runs[method]), "--method", method,
+                     *DISTILL, "--consistency.d", "1"]) == 0
+    weights = {m: run / "checkpoints" / "step-0000004" / "weights.safetensors"
+               for m, run in runs.items()}
+    section = _config_of(weights["cd"])["consistency"]
+    assert section["method"] == "cd" and section["solver"] == "euler"
+    cd, ect = load_file(str(weights["cd"])), load_file(str(weights["ect"]))
+    assert any(not torch.equal(cd[k], ect[k]) for k in cd)
+    assert main(["sample", "-cp", str(runs["cd"]), "--steps", "1", "-bs", "4",
+                 "-sp", str(tmp_path / "cd.png")]) == 0
+
+
 def test_sample_takes_the_intermediate_sigmas(teacher, tmp_path, capsys):
     """``sample --mid_sigmas``: other intermediate noise levels change the 2-step images (same
     noise); a count that does not fit --steps, and the flag on a diffusion model, are one line."""
@@ -84,10 +103,14 @@ def test_sample_takes_the_intermediate_sigmas(teacher, tmp_path, capsys):
         assert message in err and err.count("\n") == 1, err
 
 
-def test_distill_resumes_exactly(teacher, tmp_path):
+@pytest.mark.parametrize("method, solver", [("ect", "euler"), ("cd", "heun")])
+def test_distill_resumes_exactly(teacher, tmp_path, method, solver):
     """4 steps in one go == 2 steps, stop, resume, 2 more (dropout on: the RNG states, the
-    optimizer, the step that ECT's r(t) reads and the EMA must all be restored)."""
-    base = student_config(teacher, ["--train.eval_samples", "0", "--consistency.d", "1"])
+    optimizer, the step that ECT's r(t) reads and the EMA must all be restored; cd's frozen
+    teacher is loaded again on resume)."""
+    base = student_config(teacher, ["--train.eval_samples", "0", "--consistency.d", "1",
+                                    "--consistency.solver", solver], method=method)
+    assert base.consistency.method == method
     assert base.model.dropout == 0.1  # the teacher's dropout, kept
     quiet = {"progress": False, "log": lambda *_: None, "hooks": []}
     straight = tune(base, tmp_path / "a", **quiet)

@@ -99,8 +99,10 @@ def _add_distill(commands: argparse._SubParsersAction) -> None:
     d.add_argument("-cp", "--checkpoint", help="the teacher: .safetensors file, checkpoint "
                    "directory or run directory (not needed with --resume)")
     d.add_argument("-e", "--exp_dir", help="run directory (default: runs/exp-<time>)")
-    d.add_argument("--method", default="ect", choices=("ect",),
-                   help="ect: Easy Consistency Tuning (Geng et al. 2024)")
+    d.add_argument("--method", default="ect", choices=("ect", "cd"),
+                   help="ect: Easy Consistency Tuning (Geng et al. 2024); cd: consistency "
+                        "distillation (Song et al. 2023) on ECT's schedule, the target at the "
+                        "teacher's ODE step (--consistency.solver euler|heun)")
     d.add_argument("--resume", help="'auto' (newest checkpoint of -e) or a checkpoint path")
     d.add_argument("--device", help="shortcut for --train.device (auto|cpu|cuda|mps)")
     d.add_argument("--no_progress", action="store_true", help="no progress bar")

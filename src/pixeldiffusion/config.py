@@ -236,7 +236,7 @@ class SampleConfig:
                                                 "there (Kynkaanniemi et al. 2024); empty = always")
 
 
-CONSISTENCY_METHODS = ("none", "ect")
+CONSISTENCY_METHODS = ("none", "ect", "cd")
 
 
 @dataclass
@@ -246,7 +246,9 @@ class ConsistencyConfig:
     ``consistency.ECTLoss``'s."""
 
     method: str = _opt("none", choices=CONSISTENCY_METHODS, doc="none = a diffusion model; ect "
-                       "= a consistency model tuned by Easy Consistency Tuning (Geng et al. 2024)")
+                       "= a consistency model tuned by Easy Consistency Tuning (Geng et al. 2024); "
+                       "cd = tuned by consistency distillation (Song et al. 2023) with ECT's "
+                       "schedule, each pair's second point the teacher's ODE step")
     teacher: str = _opt("", doc="the checkpoint it was tuned from")
     sigma_min: float = _opt(0.002, low=0.0, high=10.0, doc="the boundary f(x, sigma_min) = x")
     sigma_max: float = _opt(80.0, low=1e-3, high=1e5, doc="the noise level of the first step")
@@ -261,6 +263,8 @@ class ConsistencyConfig:
     k: float = _opt(8.0, low=0.0, high=1e3, doc="ECT: n(t) = 1 + k sigmoid(-b t)")
     b: float = _opt(1.0, low=0.0, high=1e3, doc="ECT: n(t) = 1 + k sigmoid(-b t)")
     c: float = _opt(0.0, low=0.0, high=1e3, doc="ECT: 0 = L2 norm, > 0 = pseudo-Huber")
+    solver: str = _opt("euler", choices=("euler", "heun"), doc="cd: the teacher's ODE step "
+                       "from t to r (euler: one more forward pass a step, heun: two)")
 
 
 @dataclass

@@ -9,7 +9,9 @@ x0 in [-1, 1], sigma in [sigma_min, sigma_max] = [0.002, 80].
   any raw network F = ``net(x_in, c_noise, y=None)``, with f(x, sigma_min) = x exactly.
 - ``ECTLoss``: Easy Consistency Tuning (Geng et al. 2024, "Consistency Models Made Easy"), a
   training-loop loss ``loss(net, x0, generator=, y=, step=) -> 0-dim Tensor``; ``step`` is the
-  optimizer step, which sets how far apart the two noise levels of each pair are.
+  optimizer step, which sets how far apart the two noise levels of each pair are. Given a
+  ``teacher`` denoiser it is consistency distillation (Song et al. 2023, Alg. 2): the pair's
+  second point is the teacher's ODE step from x_t (``teacher_ode_step``), not x0 + r eps.
 - ``consistency_sample(f, z, sigmas)``: Song et al. 2023, Alg. 1, with
   ``consistency_sigmas(steps)`` choosing the noise levels for 1, 2 or 4 model calls.
 
@@ -218,9 +220,44 @@ def _same_dropout_masks(device: torch.device) -> AbstractContextManager[Any]:
     return torch.random.fork_rng(devices=[index], device_type=device.type)
 
 
+def _per_image(s: Tensor) -> Tensor:
+    """[N] -> [N, 1, 1, 1], to scale a batch of images one number each."""
+    return s.reshape(-1, 1, 1, 1)
+
+
+TEACHER_SOLVERS = ("euler", "heun")
+
+
+def teacher_ode_step(teacher: Callable[..., Tensor], x_t: Tensor, t: Tensor, r: Tensor, *,
+                     y: Tensor | None = None, solver: str = "euler") -> Tensor:
+    """x_r, one step of the teacher's probability-flow ODE from (x_t, t) down to r, [N, C, H, W]:
+    consistency distillation's Phi (Song et al. 2023, Alg. 2).
+
+    The ODE is EDM's dx/dsigma = (x - D(x; sigma)) / sigma (Karras et al. 2022, eq. 3 with
+    sigma(t) = t); ``euler`` takes one teacher call, ``heun`` two (EDM Alg. 1's second-order
+    correction, skipped where r = 0 as there). teacher: ``D(x, sigma [N], y=None)``, e.g.
+    ``teacher_denoiser``; x_t [N, C, H, W]; t, r [N] with 0 <= r < t. Where the data is a point
+    mass the ODE paths are straight lines and both solvers are exact.
+    """
+    if solver not in TEACHER_SOLVERS:
+        raise ConfigError(f"unknown ODE solver '{solver}' for the teacher's step; use one of "
+                          f"{', '.join(TEACHER_SOLVERS)}")
+    step = _per_image(r - t)
+    d_t = (x_t - teacher(x_t, t, y=y)) / _per_image(t)  # EDM eq. 3: dx/dsigma
+    x_r = x_t + step * d_t  # Euler
+    if solver == "euler":
+        return x_r
+    positive = r > 0
+    r_safe = torch.where(positive, r, t)  # the correction is not used where r = 0
+    d_r = (x_r - teacher(x_r, r_safe, y=y)) / _per_image(r_safe)
+    heun = x_t + step * (d_t + d_r) / 2  # EDM Alg. 1, line 8
+    return torch.where(_per_image(positive), heun, x_r)
+
+
 def ect_pair_loss(f: Callable[..., Tensor], x0: Tensor, eps: Tensor, t: Tensor, r: Tensor, *,
-                  y: Tensor | None = None, c: float = 0.0,
-                  sigma_min: float = SIGMA_MIN) -> Tensor:
+                  y: Tensor | None = None, c: float = 0.0, sigma_min: float = SIGMA_MIN,
+                  teacher: Callable[..., Tensor] | None = None,
+                  solver: str = "euler") -> Tensor:
     """The ECT loss of each pair, [N]: w(t, r) d(f(x_t, t), stopgrad f(x_r, r)).
 
     x_t = x0 + t eps and x_r = x0 + r eps share eps (ECT's training/loss.py);
@@ -230,20 +267,25 @@ def ect_pair_loss(f: Callable[..., Tensor], x0: Tensor, eps: Tensor, t: Tensor, 
     gradients. Pairs with t <= sigma_min lie inside the boundary, where f is the identity by
     definition; they count 0.
 
+    With a ``teacher`` denoiser this is consistency distillation (Song et al. 2023, Alg. 2): x_r
+    is the teacher's ODE step from x_t (``teacher_ode_step`` with ``solver``), a point on x_t's
+    own trajectory as far as the teacher knows it, where x0 + r eps lies on it only as r -> t.
+
     f: ``f(x, sigma, y)``, a ConsistencyFunction. x0, eps: [N, C, H, W]; t, r: [N] with r from
     ``ect_r`` (r >= sigma_min, r < t).
     """
-    def per_image(s: Tensor) -> Tensor:
-        return s.reshape(-1, 1, 1, 1)
-
-    x_t = x0 + per_image(t) * eps  # both points on the same noise direction eps
-    x_r = x0 + per_image(r) * eps
+    x_t = x0 + _per_image(t) * eps  # both points on the same noise direction eps
+    if teacher is None:
+        x_r = x0 + _per_image(r) * eps
+    else:
+        with torch.no_grad():
+            x_r = teacher_ode_step(teacher, x_t, t, r, y=y, solver=solver)
     with _same_dropout_masks(x0.device):
         f_t = f(x_t, t, y=y)
     at_boundary = r <= sigma_min
     with torch.no_grad():  # stopgrad
         f_r = f(x_r, torch.where(at_boundary, t, r), y=y)  # outputs at the boundary are unused
-        target = torch.where(per_image(at_boundary), x_r, f_r)  # f(x, sigma_min) = x
+        target = torch.where(_per_image(at_boundary), x_r, f_r)  # f(x, sigma_min) = x
     inside = (t > sigma_min).to(t.dtype)
     weight = inside / (t - r).clamp(min=torch.finfo(t.dtype).tiny)  # ECT: w(t, r) = 1 / (t - r)
     return weight * ect_distance(f_t - target, c)
@@ -265,6 +307,11 @@ class ECTLoss:
     (adaptive L2 with p = 1/2). A shorter run halves Delta t as often with d = steps / 8.
     ``sigma_max``, if given, clamps t to the highest noise level the model samples from: a
     teacher whose schedule ends below ECT's tail of t (a short DDPM table) is not asked beyond it.
+
+    ``teacher`` (a denoiser ``D(x, sigma [N], y=None)``, frozen) makes it consistency
+    distillation with ECT's r(t) schedule and weighting: each pair's x_r is the teacher's
+    ``solver`` step from x_t (``teacher_ode_step``), one (euler) or two (heun) more forward
+    passes a step, without gradients.
     """
 
     sigma_min: float = SIGMA_MIN
@@ -277,6 +324,8 @@ class ECTLoss:
     b: float = 1.0
     c: float = 0.0
     sigma_max: float | None = None
+    teacher: Callable[..., Tensor] | None = None
+    solver: str = "euler"
 
     def __post_init__(self) -> None:
         checks = [("sigma_min", self.sigma_min >= 0, "at least 0, e.g. 0.002"),
@@ -285,7 +334,8 @@ class ECTLoss:
                   ("q", self.q > 1, "above 1 (Delta t shrinks by q every d steps), e.g. 2"),
                   ("d", self.d >= 1, "a whole number of steps, at least 1, e.g. steps / 8"),
                   ("k", self.k >= 0, "at least 0, e.g. 8"),
-                  ("c", self.c >= 0, "at least 0 (0 is the L2 norm)")]
+                  ("c", self.c >= 0, "at least 0 (0 is the L2 norm)"),
+                  ("solver", self.solver in TEACHER_SOLVERS, " or ".join(TEACHER_SOLVERS))]
         for name, ok, expected in checks:
             if not ok:
                 raise ConfigError(f"ECT's {name} must be {expected}; got {getattr(self, name)}")
@@ -306,7 +356,8 @@ class ECTLoss:
             t = t.clamp(max=self.sigma_max)
         eps = torch.randn(x0.shape, generator=generator, device=x0.device, dtype=x0.dtype)
         losses = ect_pair_loss(self.consistency_function(net), x0, eps, t, self.r(t, step),
-                               y=y, c=self.c, sigma_min=self.sigma_min)
+                               y=y, c=self.c, sigma_min=self.sigma_min, teacher=self.teacher,
+                               solver=self.solver)
         return losses.mean()
 
 

@@ -1,5 +1,7 @@
 """``pixeldiffusion distill``: tune a trained diffusion checkpoint of any formulation into a
-consistency model with Easy Consistency Tuning (Geng et al. 2024; docs/consistency.md).
+consistency model with Easy Consistency Tuning (Geng et al. 2024; ``--method ect``) or with
+consistency distillation on ECT's schedule (Song et al. 2023; ``--method cd``: each pair's second
+point is the frozen teacher's ODE step from the first; docs/consistency.md).
 
 The student is the teacher's own UNet (same architecture, its EMA weights as the start), seen as
 EDM's raw network through the teacher's VP bridge (``consistency.EDMRawNetwork``) and wrapped in
@@ -26,12 +28,12 @@ from torch import Tensor
 from .checkpoint import load_checkpoint, load_state_checked
 from .config import CONSISTENCY_SAMPLER, Config, DiffusionConfig, apply_overrides, from_dict
 from .config import parse_overrides as _parse_overrides
-from .consistency import SIGMA_MAX, ECTLoss, EDMRawNetwork, highest_sigma
+from .consistency import SIGMA_MAX, ECTLoss, EDMRawNetwork, highest_sigma, teacher_denoiser
 from .errors import PixelDiffusionError
 from .formulations import bridge_for
 from .train import Hook, TrainResult, TrainState, _log
 
-METHODS = ("ect",)
+METHODS = ("ect", "cd")
 ECT_LR = 1e-4  # locuslab/ect run_ecm.sh (RAdam there; the loop's AdamW with weight decay 0 here)
 STAGES = 8  # ECT halves Delta t 8 times over a run (d = 25k of 200k steps)
 
@@ -68,12 +70,32 @@ def student_config(teacher: str | Path, overrides: Sequence[str] = (), *,
     return apply_overrides(cfg, _parse_overrides(overrides)) if overrides else cfg
 
 
-def ect_loss_of(cfg: Config) -> ECTLoss:
-    """The ``ECTLoss`` of a consistency config; consistency.d 0 means train.steps / 8."""
+def ect_loss_of(cfg: Config, teacher: Callable[..., Tensor] | None = None) -> ECTLoss:
+    """The ``ECTLoss`` of a consistency config; consistency.d 0 means train.steps / 8.
+    ``teacher``: the frozen teacher's denoiser, for method cd (consistency distillation)."""
     c = cfg.consistency
     d = c.d or max(1, cfg.train.steps // STAGES)
     return ECTLoss(sigma_min=c.sigma_min, sigma_data=c.sigma_data, P_mean=c.p_mean,
-                   P_std=c.p_std, q=c.q, d=d, k=c.k, b=c.b, c=c.c, sigma_max=c.sigma_max)
+                   P_std=c.p_std, q=c.q, d=d, k=c.k, b=c.b, c=c.c, sigma_max=c.sigma_max,
+                   teacher=teacher, solver=c.solver)
+
+
+class FrozenTeacher:
+    """The teacher's EDM denoiser ``D(x, sigma, y=None)`` (``consistency.teacher_denoiser``)
+    from its checkpoint's EMA weights, frozen (eval mode, no gradients), moved to the device of
+    the first x it is called with: consistency distillation's ODE steps."""
+
+    def __init__(self, path: str | Path) -> None:
+        loaded = load_checkpoint(path)
+        self.net = loaded.model.eval().requires_grad_(False)
+        self.denoise = teacher_denoiser(self.net, bridge_for(loaded.config.diffusion))
+        self.device = torch.device("cpu")
+
+    def __call__(self, x: Tensor, sigma: Tensor, y: Tensor | None = None) -> Tensor:
+        if x.device != self.device:
+            self.net.to(x.device)
+            self.device = x.device
+        return self.denoise(x, sigma, y=y)
 
 
 class StepClock:
@@ -131,7 +153,8 @@ def tune(cfg: Config, run_dir: str | Path | None = None, *, resume: str | None =
         raise DistillError("this config is not a consistency model's; make one with "
                            "pixeldiffusion distill -cp TEACHER")
     clock = StepClock()
-    loss = DistillLoss(ect_loss_of(cfg), cfg.diffusion, clock)
+    teacher = FrozenTeacher(cfg.consistency.teacher) if cfg.consistency.method == "cd" else None
+    loss = DistillLoss(ect_loss_of(cfg, teacher), cfg.diffusion, clock)
     extra = default_hooks(cfg) if hooks is None else list(hooks)
     return train(cfg, run_dir, resume=resume, progress=progress, log=log, loss_fn=loss,
                  hooks=[Hook(0, _nothing, setup=start_from_teacher), clock.hook(), *extra],
