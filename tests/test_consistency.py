@@ -195,7 +195,8 @@ def test_ect_pair_loss_matches_the_closed_form_on_a_gaussian():
 
 
 def gaussian_denoiser(mu, s):
-    """The exact EDM denoiser D(x, sigma, y) of N(mu_y, s^2 I): mu + (x - mu) s^2 / (s^2 + sigma^2)."""
+    """The exact EDM denoiser D(x, sigma, y) of N(mu_y, s^2 I):
+    mu + (x - mu) s^2 / (s^2 + sigma^2)."""
     means = torch.as_tensor(mu, dtype=torch.float64).reshape(-1)
 
     def D(x, sigma, y=None):
