@@ -9,6 +9,8 @@ Each setting is ``KIND=W`` or ``KIND=W@SIGMA_LO-SIGMA_HI`` (guide only at noise 
 (lo, hi], Kynkaanniemi et al. 2024): ``cfg`` is classifier-free guidance (Ho & Salimans 2022,
 the model's own null-label half), ``auto`` is autoguidance (Karras et al. 2024) by the ``--guide``
 checkpoint, a worse version of the same model (an earlier step, a shorter EMA, a smaller net).
+``auto=W+cfg=W2`` adds classifier-free guidance of weight W2 on top of autoguidance
+(``sample.autoguidance_cfg``).
 The unguided model (w = 1) is always the first row. Every row draws ``--samples`` images (seed 0,
 one uniformly random digit per image, the checkpoint's own sampler and steps) and is scored with
 the offline digit extractor against the 4,000 held-in built-in digits: digit-FID, precision,
@@ -42,19 +44,32 @@ from pixeldiffusion.reference import reference_features
 KINDS = ("cfg", "auto")
 
 
-def parse_setting(text: str) -> tuple[str, float, tuple[float, ...]]:
-    """``auto=2@0.3-5`` -> ("auto", 2.0, (0.3, 5.0)); ``cfg=1.5`` -> ("cfg", 1.5, ())."""
+Setting = tuple[str, float, tuple[float, ...], float]
+
+
+def parse_setting(text: str) -> Setting:
+    """``auto=2@0.3-5`` -> ("auto", 2.0, (0.3, 5.0), 1.0); ``cfg=1.5`` -> ("cfg", 1.5, (), 1.0);
+    ``auto=1.5+cfg=1.1`` -> ("auto", 1.5, (), 1.1): the last is the classifier-free weight added
+    on top of autoguidance."""
     try:
-        kind, rest = text.split("=", 1)
+        head, plus, extra = text.partition("+")
+        kind, rest = head.split("=", 1)
         weight, _, interval = rest.partition("@")
         bounds = tuple(float(v) for v in interval.split("-")) if interval else ()
+        on_top = 1.0
+        if plus:
+            extra_kind, extra_weight = extra.split("=", 1)
+            if kind != "auto" or extra_kind != "cfg":
+                raise ValueError
+            on_top = float(extra_weight)
         if kind not in KINDS or len(bounds) not in (0, 2):
             raise ValueError
-        return kind, float(weight), bounds
+        return kind, float(weight), bounds, on_top
     except ValueError:
         raise argparse.ArgumentTypeError(
             f"setting {text!r}: write KIND=W or KIND=W@SIGMA_LO-SIGMA_HI with KIND in "
-            f"{', '.join(KINDS)}, e.g. cfg=1.5 or auto=2@0.3-5") from None
+            f"{', '.join(KINDS)}, or auto=W+cfg=W2, e.g. cfg=1.5, auto=2@0.3-5 or "
+            f"auto=1.5+cfg=1.1") from None
 
 
 def main() -> None:
@@ -70,7 +85,7 @@ def main() -> None:
     if args.core is not None:
         os.sched_setaffinity(0, {args.core})
         torch.set_num_threads(1)
-    if any(kind == "auto" for kind, _, _ in args.settings) and not args.guide:
+    if any(setting[0] == "auto" for setting in args.settings) and not args.guide:
         parser.error("the auto settings need --guide CHECKPOINT (a worse version of the model)")
     args.out.mkdir(parents=True, exist_ok=True)
 
@@ -88,17 +103,18 @@ def main() -> None:
                            extractor)[0]["digit_fid"]
 
     rows = []
-    for kind, weight, interval in [("cfg", 1.0, ()), *args.settings]:
+    for kind, weight, interval, on_top in [("cfg", 1.0, (), 1.0), *args.settings]:
         cfg = apply_overrides(loaded.config, [
             ("sample.n_samples", str(args.samples)), ("sample.seed", "0"),
             ("sample.class_label", "random"), ("sample.guidance", str(weight)),
-            ("sample.guidance_interval", ",".join(map(str, interval)) or "[]")])
+            ("sample.guidance_interval", ",".join(map(str, interval)) or "[]"),
+            ("sample.autoguidance_cfg", str(on_top))])
         start = time.perf_counter()
         images, nfe = evaluate.sample_images(loaded, cfg, torch.device("cpu"), micro_batch=250,
                                              guidance_model=guide if kind == "auto" else None)
         results, _ = evaluate.score(images, reference, extractor)
-        name = f"{kind} w={weight:g}" + (f" sigma in ({interval[0]:g}, {interval[1]:g}]"
-                                         if interval else "")
+        name = f"{kind} w={weight:g}" + (f" + cfg w={on_top:g}" if on_top != 1.0 else "") + (
+            f" sigma in ({interval[0]:g}, {interval[1]:g}]" if interval else "")
         if weight == 1.0 and not rows:
             name = "unguided (w = 1)"
         save_grid(images.x[:64], args.out / f"{name.replace(' ', '_')}.png", nrow=8)

@@ -199,3 +199,92 @@ def test_eval_takes_the_guidance_model_and_counts_its_calls(trained, tmp_path, c
     table = capsys.readouterr().out
     header, row = table.splitlines()[:2]
     assert row.split()[header.split().index("nfe")] == "6"  # 3 steps x 2 networks
+
+
+# --- autoguidance with a little classifier-free guidance on top ---------------------------------
+
+
+@pytest.mark.parametrize("w, w_cfg", [(1.0, 1.2), (1.5, 1.1), (2.0, 0.5)])
+def test_cfg_on_top_adds_both_differences_in_one_batched_pass(w, w_cfg):
+    """D = D_good + (w - 1)(D_good - D_bad) + (w_cfg - 1)(D_good - D_good,uncond): the good
+    model's class and null halves come from one call of 2N, the guide's from one call of N
+    (none where w = 1)."""
+    good, bad = GaussianDenoiser(1.0), GaussianDenoiser(0.6, mean=0.2)
+    x_t, t = _points()
+    labels, null = torch.tensor([0, 2, 1]), 5
+    out = autoguided_model(good, bad, w, labels=labels, cfg=w_cfg, null_class=null)(x_t, t)
+    assert good.calls == [[0, 2, 1, null, null, null]]
+    assert bad.calls == ([] if w == 1.0 else [[0, 2, 1]])
+    d_good, d_bad = good(x_t, t, y=labels), bad(x_t, t, y=labels)
+    d_uncond = good(x_t, t, y=torch.full_like(labels, null))
+    expected = d_good + (w - 1) * (d_good - d_bad) + (w_cfg - 1) * (d_good - d_uncond)
+    torch.testing.assert_close(out, expected, rtol=0, atol=1e-5)
+
+
+def test_cfg_on_top_keeps_the_interval_and_needs_labels():
+    good, bad = GaussianDenoiser(1.0), GaussianDenoiser(0.5)
+    x_t = torch.randn(2, 1, 2, 2)
+    labels = torch.tensor([1, 0])
+    sigmas = [sigma_of(float(ABAR[t])) for t in (10, 90)]
+    interval = (sigmas[0] * 1.01, sigmas[1] * 1.01)  # t = 90 inside, t = 10 outside
+    wrapped = autoguided_model(good, bad, 2.0, labels=labels, cfg=1.5, null_class=3,
+                               alphas_cumprod=ABAR, interval=interval)
+    outside = torch.full((2,), 10)
+    torch.testing.assert_close(wrapped(x_t, outside), good(x_t, outside, y=labels), rtol=0,
+                               atol=0)
+    inside = torch.full((2,), 90)
+    assert (wrapped(x_t, inside) - good(x_t, inside, y=labels)).abs().max() > 1e-3
+    with pytest.raises(ValueError, match="needs class labels"):
+        autoguided_model(good, bad, 2.0, cfg=1.5)
+
+
+@pytest.fixture(scope="module")
+def conditional(tmp_path_factory, tiny_args):
+    run = tmp_path_factory.mktemp("autoguide_cond") / "run"
+    assert main(["train", "-e", str(run), *tiny_args, "--model.num_classes", "10",
+                 "--train.save_every", "2", "--train.lr", "0.01", "--no_progress"]) == 0
+    return run
+
+
+def test_autoguidance_cfg_through_sample_and_eval(conditional, tmp_path, capsys):
+    earlier = str(conditional / "checkpoints" / "step-0000002")
+    guided = ["--class", "1", "--guidance_model", earlier, "--guidance", "1.5"]
+    auto = _sample_npz(conditional, tmp_path / "auto", *guided)
+    both = _sample_npz(conditional, tmp_path / "both", *guided, "--autoguidance_cfg", "1.5")
+    same = _sample_npz(conditional, tmp_path / "same", *guided, "--autoguidance_cfg", "1")
+    assert np.array_equal(auto, same) and not np.array_equal(auto, both)
+    capsys.readouterr()
+    assert main(["eval", "-cp", str(conditional), "--guidance_model", earlier, "--guidance",
+                 "1.5", "-n", "8", "--micro_batch", "8", "--sampler", "ddim", "--steps", "3",
+                 "--sweep", "autoguidance_cfg=1,1.5", "--out", str(tmp_path / "ev"),
+                 "--no_progress"]) == 0
+    header, *rows = capsys.readouterr().out.splitlines()[:3]
+    columns = header.split()
+    cells = [dict(zip(columns, row.split(), strict=True)) for row in rows]
+    assert [c["autoguidance_cfg"] for c in cells] == ["1", "1.5"]
+    assert [c["nfe"] for c in cells] == ["6", "6"]  # 3 steps x (the 2N-batched model + guide)
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--autoguidance_cfg", "1.5", "--class", "1"], "no --guidance_model was given"),
+    (["--autoguidance_cfg", "1.5", "--guidance_model", "UNCOND"], "needs a class-conditional"),
+])
+def test_autoguidance_cfg_where_it_cannot_apply_is_one_line(conditional, trained, tmp_path,
+                                                            capsys, argv, message):
+    run = trained if "UNCOND" in argv else conditional
+    argv = [str(trained / "checkpoints" / "step-0000002") if a == "UNCOND" else a for a in argv]
+    capsys.readouterr()
+    code = main(["sample", "-cp", str(run), "-sp", str(tmp_path / "x.png"), "--device", "cpu",
+                 *argv])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 1 and message in err[0], err
+    assert not (tmp_path / "x.png").exists()
+
+
+def test_a_training_config_cannot_set_autoguidance_cfg(tmp_path, tiny_args, capsys):
+    capsys.readouterr()
+    assert main(["train", "-e", str(tmp_path / "run"), *tiny_args, "--model.num_classes", "10",
+                 "--sample.autoguidance_cfg", "1.2", "--no_progress"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "leave it at 1 in a training config" in err[0], err
+    assert not (tmp_path / "run" / "checkpoints").exists()

@@ -63,24 +63,30 @@ def test_guidance_diversity_scores_each_setting_against_the_unguided_model(tmp_p
     guide = run / "checkpoints" / "step-0000002"
     out = tmp_path / "out"
     done = _guidance_diversity(run, "--guide", guide, "--samples", "40", "--out", out,
-                               "--settings", "cfg=1.5", "auto=2", "auto=2@0.5-5")
+                               "--settings", "cfg=1.5", "auto=2", "auto=2@0.5-5",
+                               "auto=2+cfg=1.2")
     assert done.returncode == 0, done.stderr[-3000:]
     rows = re.findall(r"^\| ([^|]+) \| (\d+) \| ([\d.]+) \| ([\d.]+) \| [\d.]+ \| [\d.]+ \| "
                       r"([\d.]+)% \|", done.stdout, re.M)
     names = [r[0] for r in rows]
-    assert names == ["unguided (w = 1)", "cfg w=1.5", "auto w=2", "auto w=2 sigma in (0.5, 5]"]
+    assert names == ["unguided (w = 1)", "cfg w=1.5", "auto w=2", "auto w=2 sigma in (0.5, 5]",
+                     "auto w=2 + cfg w=1.2"]
     nfe = {name: int(n) for name, n, *_ in rows}
     assert nfe["cfg w=1.5"] == nfe["unguided (w = 1)"] == 3  # CFG: one batched pass a step
     assert nfe["auto w=2"] == 6  # autoguidance: the model and the guide every step
     assert 3 < nfe["auto w=2 sigma in (0.5, 5]"] < 6, nfe  # guided on some steps only
+    assert nfe["auto w=2 + cfg w=1.2"] == 6  # the model's 2N batch and the guide
+    fid = {name: float(f) for name, _, f, *_ in rows}
+    assert fid["auto w=2 + cfg w=1.2"] != fid["auto w=2"]
     assert float(rows[0][3]) == 1.0
     assert all(0 <= float(r[4]) <= 100 for r in rows)
-    assert len(list(out.glob("*.png"))) == 4
+    assert len(list(out.glob("*.png"))) == 5
 
     bad = _guidance_diversity(run, "--settings", "auto=2", "--out", out)
     assert bad.returncode == 2 and "need --guide" in bad.stderr
-    bad = _guidance_diversity(run, "--settings", "cfg=two", "--out", out)
-    assert bad.returncode == 2 and "KIND=W" in bad.stderr
+    for setting in ("cfg=two", "cfg=1.5+cfg=1.2", "auto=2+auto=3"):
+        bad = _guidance_diversity(run, "--settings", setting, "--out", out)
+        assert bad.returncode == 2 and "KIND=W" in bad.stderr
     bad = _guidance_diversity(run, "--guide", tmp_path / "nowhere.safetensors", "--out", out)
     assert bad.returncode == 2 and "does not exist" in bad.stderr
     assert "Traceback" not in bad.stderr

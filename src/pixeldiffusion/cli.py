@@ -176,6 +176,9 @@ def _add_sample(commands: argparse._SubParsersAction) -> None:
                         ">1 guided (default: the checkpoint's sample.guidance); with "
                         "--guidance_model the autoguidance weight")
     _add_guidance_model(s)
+    s.add_argument("--autoguidance_cfg", type=float, metavar="W",
+                   help="with --guidance_model on a class-conditional model: a classifier-free "
+                        "weight added on top of autoguidance (1 = none; docs/guidance.md)")
     s.add_argument("--mid_sigmas", metavar="SIGMAS",
                    help="consistency models: the --steps - 1 intermediate noise levels, "
                         "descending, comma-separated, e.g. 2.5 for 2 steps (default: the "
@@ -252,7 +255,8 @@ EXIT_BARRIER_S = 120  # a finished rank waits this long for the others before it
 
 # the sample section's keys that ``pixeldiffusion sample`` takes as --KEY
 SAMPLE_KEYS = ("sampler", "steps", "eta", "var_type", "spacing", "order", "variant",
-               "dynamic_threshold", "n_samples", "nrow", "seed", "clip_x0", "precision", "compile")
+               "dynamic_threshold", "n_samples", "nrow", "seed", "clip_x0", "precision", "compile",
+               "autoguidance_cfg")
 
 
 def _sample(args: argparse.Namespace, overrides: list[str]) -> int:

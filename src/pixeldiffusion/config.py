@@ -234,6 +234,10 @@ class SampleConfig:
                             "(one grid row of nrow images per class) or 'random'")
     guidance_interval: tuple[float, ...] = _opt((), low=0.0, doc="sigma_lo,sigma_hi: guide only "
                                                 "there (Kynkaanniemi et al. 2024); empty = always")
+    autoguidance_cfg: float = _opt(1.0, low=0.0, high=100.0, doc="with a guidance model "
+                                   "(autoguidance) on a class-conditional model: a classifier-"
+                                   "free weight added on top, D_good + (w - 1)(D_good - D_guide) "
+                                   "+ (this - 1)(D_good - D_uncond); 1 = none (guidance.py)")
 
 
 CONSISTENCY_METHODS = ("none", "ect", "cd")

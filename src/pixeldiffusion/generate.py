@@ -110,6 +110,7 @@ def generate(model: torch.nn.Module, cfg: Config, device: torch.device, *,
             raise PixelDiffusionError("--guidance_model (autoguidance) guides a diffusion model's "
                                       "denoiser; a consistency model takes --guidance with "
                                       "--class only")
+        _check_autoguidance_cfg(cfg.sample.autoguidance_cfg, False, False)
         return generate_consistency(model, cfg, device, mode=mode, micro_batch=micro_batch,
                                     interval=interval, guidance=guidance,
                                     class_label=class_label, callback=callback)
@@ -127,6 +128,7 @@ def generate(model: torch.nn.Module, cfg: Config, device: torch.device, *,
     fast, guide = (None if net is None else bridge.wrap(sampling_network(
         net, device, precision=s.precision, compile=s.compile)) for net in (model, guidance_model))
     labels, w = sampling_labels(cfg, guidance, class_label, autoguidance=guide is not None)
+    _check_autoguidance_cfg(s.autoguidance_cfg, guide is not None, labels is not None)
     n_samples = s.n_samples if labels is None else len(labels)
     images, frames = [], []
     timesteps: Tensor | None = None
@@ -138,7 +140,7 @@ def generate(model: torch.nn.Module, cfg: Config, device: torch.device, *,
         net = guided_network(
             fast, None if labels is None else labels[start:start + len(x_T)], w, guide=guide,
             alphas_cumprod=alphas_cumprod, interval=s.guidance_interval,
-            null_class=cfg.model.num_classes)
+            null_class=cfg.model.num_classes, autoguidance_cfg=s.autoguidance_cfg)
         if optimal and timesteps is None:
             timesteps = _fit_optimal(fast, cfg, x_T, labels, w, bridge, guide)
         x0 = sample(net, x_T, alphas_cumprod, sampler=s.sampler, steps=s.steps,
@@ -151,6 +153,21 @@ def generate(model: torch.nn.Module, cfg: Config, device: torch.device, *,
         if mode != "sample":
             frames.append(record.frames_ending_with(x0))
     return Generated(torch.cat(images), torch.cat(frames) if frames else None, labels, timesteps)
+
+
+def _check_autoguidance_cfg(weight: float, autoguidance: bool, conditional: bool) -> None:
+    """A PixelDiffusionError naming the fix where ``sample.autoguidance_cfg`` (a classifier-free
+    weight added to autoguidance) cannot apply: no guidance model, or no class labels."""
+    if weight == 1.0:
+        return
+    if not autoguidance:
+        raise PixelDiffusionError(f"sample.autoguidance_cfg {weight:g} adds classifier-free "
+                                  f"guidance to autoguidance, but no --guidance_model was given; "
+                                  f"without one, --guidance is the classifier-free weight")
+    if not conditional:
+        raise PixelDiffusionError(f"sample.autoguidance_cfg {weight:g} needs a class-conditional "
+                                  f"model (its null-label half); this one is unconditional, so "
+                                  f"leave it at 1")
 
 
 def consistency_sigmas_of(c: ConsistencyConfig, steps: int) -> list[float]:
@@ -266,7 +283,7 @@ def _fit_optimal(model: Callable[..., Tensor], cfg: Config, x_T: Tensor, labels:
         model, None if labels is None else labels[torch.arange(n, device=labels.device)
                                                   % len(labels)], w, guide=guide,
         alphas_cumprod=alphas_cumprod, interval=s.guidance_interval,
-        null_class=cfg.model.num_classes)
+        null_class=cfg.model.num_classes, autoguidance_cfg=s.autoguidance_cfg)
     denoise = make_denoiser(net, alphas_cumprod, prediction=bridge.prediction,
                             clip_x0=s.clip_x0, dynamic_threshold=s.dynamic_threshold)
     return calibrated_timesteps(denoise, x_T, alphas_cumprod, s.steps, sampler=s.sampler,

@@ -18,7 +18,10 @@ and t (``diffusion.x0_eps_from_output``), combining raw outputs with the formula
 exactly eps_guided for eps-, x0- and v-prediction models alike.
 
 Autoguidance (``autoguided_model``) guides a model with a worse version of itself instead of
-its unconditional half: D_w = D_bad + w (D_good - D_bad), for unconditional models too.
+its unconditional half: D_w = D_bad + w (D_good - D_bad), for unconditional models too. On a
+class-conditional model it can add a little classifier-free guidance on top
+(``sample.autoguidance_cfg``): autoguidance improves the images while keeping their spread, the
+classifier-free term pushes them towards their class (docs/guidance.md measures the pair).
 ``guided_network`` picks the wrapper a sampling command needs.
 """
 
@@ -70,11 +73,11 @@ def guided_model(model: Model, labels: Tensor, guidance: float = 1.0, *,
     """
     if null_class is None:
         null_class = int(model.null_class)  # type: ignore[attr-defined]
-    weight_at = _weight_in_interval(guidance, alphas_cumprod, interval)
+    guided_at = _in_interval(alphas_cumprod, interval)
 
     def forward(x_t: Tensor, t: Tensor) -> Tensor:
         y = labels.to(x_t.device)
-        w = weight_at(t)
+        w = guidance if guided_at(t) else 1.0
         if w == 1.0:
             return model(x_t, t, y=y)
         null = torch.full_like(y, null_class)
@@ -87,27 +90,28 @@ def guided_model(model: Model, labels: Tensor, guidance: float = 1.0, *,
     return forward
 
 
-def _weight_in_interval(guidance: float, alphas_cumprod: Tensor | None,
-                        interval: Sequence[float]) -> Callable[[Tensor], float]:
-    """t -> the guidance weight at timestep t: ``guidance`` where sigma_lo < sigma(t) <=
-    sigma_hi (Kynkäänniemi et al. 2024, eq. 2; EDM's sigma from ``alphas_cumprod``), 1 (the
-    plain model) elsewhere; ``guidance`` everywhere when ``interval`` is empty."""
+def _in_interval(alphas_cumprod: Tensor | None,
+                 interval: Sequence[float]) -> Callable[[Tensor], bool]:
+    """t -> whether to guide at timestep t: where sigma_lo < sigma(t) <= sigma_hi (Kynkäänniemi
+    et al. 2024, eq. 2; EDM's sigma from ``alphas_cumprod``); everywhere when ``interval`` is
+    empty. Outside it the plain model samples."""
     if not interval:
-        return lambda t: guidance
+        return lambda t: True
     if alphas_cumprod is None:
         raise ValueError("a guidance interval needs alphas_cumprod to map timesteps to sigma")
     sigma_lo, sigma_hi = float(interval[0]), float(interval[1])
     abar = alphas_cumprod.detach().double().cpu()
 
-    def weight_at(t: Tensor) -> float:
+    def guided_at(t: Tensor) -> bool:
         sigma = sigma_of(alphas_cumprod_at(abar, float(t.reshape(-1)[0])))
-        return guidance if sigma_lo < sigma <= sigma_hi else 1.0
-    return weight_at
+        return sigma_lo < sigma <= sigma_hi
+    return guided_at
 
 
 def autoguided_model(model: Model, guide: Model, guidance: float, *,
                      labels: Tensor | None = None, alphas_cumprod: Tensor | None = None,
-                     interval: Sequence[float] = ()) -> Callable[[Tensor, Tensor], Tensor]:
+                     interval: Sequence[float] = (), cfg: float = 1.0,
+                     null_class: int | None = None) -> Callable[[Tensor, Tensor], Tensor]:
     """Autoguidance (Karras et al. 2024, "Guiding a Diffusion Model with a Bad Version of
     Itself", eq. 1 with the bad model as D_0): ``model`` guided by ``guide``, a worse version of
     it (an earlier checkpoint, a shorter EMA, a smaller network) of the same data and
@@ -123,12 +127,23 @@ def autoguided_model(model: Model, guide: Model, guidance: float, *,
         (two forward passes of N: two networks cannot share a batch).
     interval: optional (sigma_lo, sigma_hi) as in ``guided_model``: guide only there, plain
         ``model`` elsewhere; needs ``alphas_cumprod``.
+    cfg: with ``labels``, a classifier-free guidance weight w_cfg added on top (``model``'s own
+        null-label half, ``null_class`` default ``model.null_class``; the two terms add up):
+
+            D = D_good + (w - 1) (D_good - D_bad) + (w_cfg - 1) (D_good - D_good,uncond)
+
+        1 (the default) is autoguidance alone; otherwise ``model`` makes one batched pass of
+        2N (class and null labels, as ``guided_model``) and ``guide`` one of N.
     """
-    weight_at = _weight_in_interval(guidance, alphas_cumprod, interval)
+    guided_at = _in_interval(alphas_cumprod, interval)
+    if cfg != 1.0 and labels is None:
+        raise ValueError("classifier-free guidance on top of autoguidance needs class labels")
 
     def forward(x_t: Tensor, t: Tensor) -> Tensor:
         extra = {} if labels is None else {"y": labels.to(x_t.device)}
-        w = weight_at(t)
+        w, w_cfg = (guidance, cfg) if guided_at(t) else (1.0, 1.0)
+        if w_cfg != 1.0:
+            return _autoguided_with_cfg(model, guide, x_t, t, extra["y"], w, w_cfg, null_class)
         if w == 1.0:
             return model(x_t, t, **extra)
         if w == 0.0:
@@ -138,16 +153,31 @@ def autoguided_model(model: Model, guide: Model, guidance: float, *,
     return forward
 
 
+def _autoguided_with_cfg(model: Model, guide: Model, x_t: Tensor, t: Tensor, y: Tensor, w: float,
+                         w_cfg: float, null_class: int | None) -> Tensor:
+    """D_good + (w - 1)(D_good - D_bad) + (w_cfg - 1)(D_good - D_uncond) at (x_t, t) for labels
+    y [N] (``autoguided_model``'s cfg); the guide is not called where w = 1."""
+    null = torch.full_like(y, int(model.null_class) if null_class is None  # type: ignore[attr-defined]
+                           else null_class)
+    out_good, out_uncond = model(torch.cat([x_t, x_t]), torch.cat([t, t]),
+                                 y=torch.cat([y, null])).chunk(2)
+    out = out_good + (w_cfg - 1) * (out_good - out_uncond)  # Ho & Salimans 2022, eq. 6
+    if w == 1.0:
+        return out
+    return out + (w - 1) * (out_good - guide(x_t, t, y=y))  # Karras et al. 2024, eq. 1
+
+
 def guided_network(model: Model, labels: Tensor | None, guidance: float, *,
                    guide: Model | None = None, alphas_cumprod: Tensor | None = None,
-                   interval: Sequence[float] = (),
-                   null_class: int | None = None) -> Callable[..., Tensor]:
+                   interval: Sequence[float] = (), null_class: int | None = None,
+                   autoguidance_cfg: float = 1.0) -> Callable[..., Tensor]:
     """The network a sampler is given for a choice of guidance: ``autoguided_model`` when a
-    ``guide`` network is given, ``guided_model`` (classifier-free) for class ``labels``, else
-    ``model`` itself."""
+    ``guide`` network is given (with ``autoguidance_cfg`` as its cfg), ``guided_model``
+    (classifier-free) for class ``labels``, else ``model`` itself."""
     if guide is not None:
         return autoguided_model(model, guide, guidance, labels=labels,
-                                alphas_cumprod=alphas_cumprod, interval=interval)
+                                alphas_cumprod=alphas_cumprod, interval=interval,
+                                cfg=autoguidance_cfg, null_class=null_class)
     if labels is None:
         return model
     return guided_model(model, labels, guidance, alphas_cumprod=alphas_cumprod,

@@ -18,6 +18,7 @@ from typing import Any
 
 from .config import Config
 from .ema_snapshots import SnapshotRecorder
+from .errors import ConfigError
 from .generate import generate
 from .images import save_grid
 from .train import Hook, TrainResult, TrainState
@@ -32,7 +33,14 @@ def train(cfg: Config, run_dir: str | Path | None = None, **kwargs: Any) -> Trai
 def default_hooks(cfg: Config) -> list[Hook]:
     """A sample grid every train.sample_every steps and the quality score every
     train.eval_every steps, each also at the end of the run; with train.posthoc_ema_every, the
-    post-hoc EMA tracker (``posthoc_ema_hook``)."""
+    post-hoc EMA tracker (``posthoc_ema_hook``). A sample section the grids cannot draw (a
+    classifier-free weight meant for autoguidance, which needs a guidance model) is a
+    ConfigError before the first step, not at the first grid."""
+    if cfg.sample.autoguidance_cfg != 1.0:
+        raise ConfigError(f"config key 'sample.autoguidance_cfg' "
+                          f"({cfg.sample.autoguidance_cfg:g}) applies only when sampling with a "
+                          f"guidance model (sample or eval --guidance_model); training's sample "
+                          f"grids have none, so leave it at 1 in a training config")
     hooks = [Hook(cfg.train.sample_every, save_sample_grid), eval_hook(cfg.train.eval_every)]
     if cfg.train.posthoc_ema_every:
         hooks.append(posthoc_ema_hook(cfg.train.posthoc_ema_every, cfg.train.posthoc_sigma_rels))
