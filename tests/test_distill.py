@@ -103,6 +103,42 @@ def test_sample_takes_the_intermediate_sigmas(teacher, tmp_path, capsys):
         assert message in err and err.count("\n") == 1, err
 
 
+def test_eval_takes_and_sweeps_the_intermediate_sigmas(teacher, tmp_path, capsys):
+    """``eval --sweep mid_sigmas=...`` (several levels of one point joined by /) scores each
+    point with its own levels; ``eval --mid_sigmas`` fixes them; a count that does not fit the
+    steps is refused before any sampling, and the flag on a diffusion model is one line."""
+    student = tmp_path / "student"
+    assert main(["distill", "-cp", str(teacher), "-e", str(student), *DISTILL]) == 0
+    common = ["-n", "8", "--micro_batch", "8", "--no_progress"]
+
+    def table(*argv):
+        capsys.readouterr()
+        assert main(["eval", "-cp", str(student), *common, "--out", str(tmp_path / "ev"),
+                     *argv]) == 0
+        header, *rows = capsys.readouterr().out.splitlines()
+        cells = [dict(zip(header.split(), row.split(), strict=True))
+                 for row in rows if row.split() and row.split()[0] == "consistency"]
+        return cells
+
+    two = table("--steps", "2", "--sweep", "mid_sigmas=0.5,0.2")
+    assert [c["mid_sigmas"] for c in two] == ["0.5", "0.2"]
+    assert two[0]["digit_fid"] != two[1]["digit_fid"]
+    four = table("--steps", "4", "--sweep", "mid_sigmas=0.6/0.3/0.1")
+    assert [(c["steps"], c["nfe"], c["mid_sigmas"]) for c in four] == [("4", "4", "0.6/0.3/0.1")]
+    fixed = table("--steps", "2", "--mid_sigmas", "0.5")
+    assert fixed[0]["digit_fid"] == two[0]["digit_fid"]  # same noise, same levels
+    for argv, message in [
+            (["-cp", str(student), "--sweep", "steps=1,2", "--mid_sigmas", "0.5"], "mid_sigmas"),
+            (["-cp", str(teacher), "--mid_sigmas", "0.5"], "is a diffusion model"),
+            (["-cp", str(teacher), "--sweep", "mid_sigmas=0.5"], "is a diffusion model")]:
+        capsys.readouterr()
+        assert main(["eval", *argv, *common, "--out", str(tmp_path / "bad")]) == 2
+        err = capsys.readouterr().err
+        errors = [line for line in err.splitlines() if line.startswith("pixeldiffusion: error")]
+        assert len(errors) == 1 and message in errors[0] and "Traceback" not in err, err
+    assert not (tmp_path / "bad").exists()
+
+
 @pytest.mark.parametrize("method, solver", [("ect", "euler"), ("cd", "heun")])
 def test_distill_resumes_exactly(teacher, tmp_path, method, solver):
     """4 steps in one go == 2 steps, stop, resume, 2 more (dropout on: the RNG states, the

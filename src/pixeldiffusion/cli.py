@@ -12,7 +12,6 @@ from typing import TYPE_CHECKING
 from .errors import PixelDiffusionError
 
 if TYPE_CHECKING:
-    from .config import Config
     from .evaluate import EvalOptions
 
 SAMPLE_HELP = """examples:
@@ -262,13 +261,19 @@ SAMPLE_KEYS = ("sampler", "steps", "eta", "var_type", "spacing", "order", "varia
 def _sample(args: argparse.Namespace, overrides: list[str]) -> int:
     from .checkpoint import load_checkpoint
     from .device import conv_width, resolve_device, resolve_precision
-    from .generate import generate, save_outputs, spacing_text, with_sample_options
+    from .generate import (
+        generate,
+        save_outputs,
+        spacing_text,
+        with_mid_sigmas,
+        with_sample_options,
+    )
     from .guidance import load_guidance_model
 
     device = resolve_device(args.device)
     loaded = load_checkpoint(args.checkpoint, use_ema=args.load_ema, device=device)
     cfg = with_sample_options(loaded.config, **{key: getattr(args, key) for key in SAMPLE_KEYS})
-    cfg = _with_mid_sigmas(cfg, args.mid_sigmas)
+    cfg = with_mid_sigmas(cfg, args.mid_sigmas)
     guide = None if args.guidance_model is None else load_guidance_model(
         args.guidance_model, loaded.config, device=device, use_ema=args.load_ema)
     mode = "sample" if args.result_only else args.mode
@@ -292,20 +297,6 @@ def _sample(args: argparse.Namespace, overrides: list[str]) -> int:
     for path in written:
         print(path)
     return 0
-
-
-def _with_mid_sigmas(cfg: Config, text: str | None) -> Config:
-    """``cfg`` with ``--mid_sigmas`` as its consistency.mid_sigmas (checked by the config's
-    rules; a count that does not fit --steps is refused when sampling starts)."""
-    from .config import apply_overrides
-
-    if text is None:
-        return cfg
-    if cfg.consistency.method == "none":
-        raise PixelDiffusionError("--mid_sigmas sets a consistency model's intermediate noise "
-                                  "levels; this checkpoint is a diffusion model (tune one with "
-                                  "pixeldiffusion distill, or drop --mid_sigmas)")
-    return apply_overrides(cfg, [("consistency.mid_sigmas", text)])
 
 
 def _add_serve(commands: argparse._SubParsersAction) -> None:
@@ -515,6 +506,10 @@ def _add_eval(commands: argparse._SubParsersAction) -> None:
     e.add_argument("--guidance", type=float, help="classifier-free guidance weight (with "
                    "--guidance_model: the autoguidance weight)")
     _add_guidance_model(e)
+    e.add_argument("--mid_sigmas", metavar="SIGMAS",
+                   help="consistency models: the --steps - 1 intermediate noise levels, e.g. "
+                        "2.5 with --steps 2; sweep them with --sweep mid_sigmas=1.5,2.5 (several "
+                        "levels of one point joined by /, e.g. 10/2.5/0.5 for 4 steps)")
     e.add_argument("--class", dest="class_label", metavar="CLASS",
                    help="conditional models: class index or name, 'all' or 'random'")
     e.add_argument("--sweep", nargs="+", metavar="KEY=V1,V2",
@@ -605,7 +600,8 @@ def _eval_options(args: argparse.Namespace, extra: list[str]) -> EvalOptions:
         n_samples=args.n_samples, micro_batch=args.micro_batch, sampler=args.sampler,
         steps=args.steps, guidance=args.guidance, class_label=args.class_label,
         guidance_model=Path(args.guidance_model) if args.guidance_model else None,
-        sample_options=sample_options, sweep=list(args.sweep or []), seed=args.seed,
+        mid_sigmas=args.mid_sigmas, sample_options=sample_options,
+        sweep=list(args.sweep or []), seed=args.seed,
         device=args.device, use_ema=args.load_ema, out_dir=Path(args.out),
         plot=Path(args.plot) if args.plot else None,
         save_stats=Path(args.save_stats) if args.save_stats else None,

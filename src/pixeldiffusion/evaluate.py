@@ -182,9 +182,10 @@ def parse_sweep(items: Sequence[str]) -> list[dict[str, str]]:
             itertools.product(*(values for _, values in axes))]
 
 
-# sweep keys that are not sampling options: a model-call budget (steps per sampler) and the
-# post-hoc EMA length (weights rebuilt from the run's snapshots, ema_snapshots.py)
-SWEEP_KEYS = ("nfe", "sigma_rel")
+# sweep keys that are not sampling options: a model-call budget (steps per sampler), the
+# post-hoc EMA length (weights rebuilt from the run's snapshots, ema_snapshots.py) and a
+# consistency model's intermediate noise levels (one point's several levels joined by "/")
+SWEEP_KEYS = ("nfe", "sigma_rel", "mid_sigmas")
 
 
 def sweep_config(base: Any, point: dict[str, str]) -> Any:
@@ -199,8 +200,13 @@ def sweep_config(base: Any, point: dict[str, str]) -> Any:
             raise PixelDiffusionError(f"--sweep key '{key}' is not a sampling option; "
                                       f"{did_you_mean(key, [*names, *SWEEP_KEYS])}use "
                                       f"{', '.join(SWEEP_KEYS)} or one of {', '.join(names)}")
-    return apply_overrides(base, [(f"sample.{k}", v) for k, v in point.items()
-                                  if k not in SWEEP_KEYS])
+    cfg = apply_overrides(base, [(f"sample.{k}", v) for k, v in point.items()
+                                 if k not in SWEEP_KEYS])
+    if "mid_sigmas" in point:
+        from .generate import with_mid_sigmas
+
+        cfg = with_mid_sigmas(cfg, point["mid_sigmas"].replace("/", ","))
+    return cfg
 
 
 def _nfe_budget(text: str) -> int:
@@ -279,6 +285,10 @@ def plan_sweep(base: Any, points: list[dict[str, str]], *, n_samples: int,
         if s.steps > base.diffusion.timesteps:
             raise PixelDiffusionError(f"steps {s.steps} is more than the model's "
                                       f"{base.diffusion.timesteps} timesteps")
+        if cfg.consistency.method != "none":  # intermediate sigmas that fit the steps
+            from .generate import consistency_sigmas_of
+
+            consistency_sigmas_of(cfg.consistency, s.steps)
         plans.append((point, replace(cfg, sample=s)))
     return plans
 
@@ -425,7 +435,8 @@ class EvalOptions:
     when it does not look like one. ``ref`` is a reference for ``reference_features`` (None: the
     checkpoint's data set, else digits). ``sampler``, ``steps``, ``guidance``, ``class_label``
     and ``sample_options`` (sampling config keys without ``sample.``, to text read like
-    ``--sample.KEY value``) change the checkpoint's sampling; ``guidance_model`` is a checkpoint
+    ``--sample.KEY value``) change the checkpoint's sampling, ``mid_sigmas`` a consistency
+    model's intermediate noise levels ("2.5"); ``guidance_model`` is a checkpoint
     that autoguides it (guidance.py); ``sweep`` items are ``KEY=V1,V2``.
     """
 
@@ -441,6 +452,7 @@ class EvalOptions:
     guidance: float | None = None
     class_label: str | None = None
     guidance_model: Path | None = None
+    mid_sigmas: str | None = None
     sample_options: dict[str, str] = field(default_factory=dict)
     sweep: list[str] = field(default_factory=list)
     seed: int | None = None
@@ -459,6 +471,7 @@ class EvalOptions:
         given = {"--sampler": self.sampler is not None, "--steps": self.steps is not None,
                  "--guidance": self.guidance is not None, "--class": self.class_label is not None,
                  "--guidance_model": self.guidance_model is not None,
+                 "--mid_sigmas": self.mid_sigmas is not None,
                  "--sample.KEY": bool(self.sample_options), "--sweep": bool(self.sweep),
                  "--plot": self.plot is not None}
         return [name for name, on in given.items() if on]
@@ -479,8 +492,10 @@ def sampling_config(base: Any, options: EvalOptions) -> Any:
     """A checkpoint's Config with ``options.sample_options`` (checked like the config file) and
     the sampler, steps, guidance and class chosen in ``options`` on top."""
     from .config import apply_overrides
+    from .generate import with_mid_sigmas
 
     cfg = apply_overrides(base, [(f"sample.{k}", v) for k, v in options.sample_options.items()])
+    cfg = with_mid_sigmas(cfg, options.mid_sigmas)
     chosen = {"sampler": options.sampler, "steps": options.steps, "guidance": options.guidance,
               "class_label": options.class_label}
     return replace(cfg, sample=replace(cfg.sample, **{k: v for k, v in chosen.items()

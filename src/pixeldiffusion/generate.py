@@ -170,6 +170,22 @@ def _check_autoguidance_cfg(weight: float, autoguidance: bool, conditional: bool
                                   f"leave it at 1")
 
 
+def with_mid_sigmas(cfg: Config, text: str | None) -> Config:
+    """``cfg`` with ``text`` ("2.5", or "10,2.5,0.5") as its consistency.mid_sigmas, checked by
+    the config's rules (``--mid_sigmas`` of sample and eval, eval's ``--sweep mid_sigmas=``);
+    None leaves it as it is. A diffusion checkpoint is one PixelDiffusionError; a count that does
+    not fit the steps is refused by ``consistency_sigmas_of``."""
+    from .config import apply_overrides
+
+    if text is None:
+        return cfg
+    if cfg.consistency.method == "none":
+        raise PixelDiffusionError("--mid_sigmas sets a consistency model's intermediate noise "
+                                  "levels; this checkpoint is a diffusion model (tune one with "
+                                  "pixeldiffusion distill, or drop --mid_sigmas)")
+    return apply_overrides(cfg, [("consistency.mid_sigmas", text)])
+
+
 def consistency_sigmas_of(c: ConsistencyConfig, steps: int) -> list[float]:
     """The noise levels of ``steps``-call sampling of a consistency model with section ``c``
     (``consistency.consistency_sigmas``); steps that its ``mid_sigmas`` do not fit are the
