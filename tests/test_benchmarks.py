@@ -82,6 +82,15 @@ def test_guidance_diversity_scores_each_setting_against_the_unguided_model(tmp_p
     assert all(0 <= float(r[4]) <= 100 for r in rows)
     assert len(list(out.glob("*.png"))) == 5
 
+    # from 650 samples the table adds digit-FID_inf and the ratio of those
+    done = _guidance_diversity(run, "--samples", "650", "--out", out, "--settings", "cfg=1.5")
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "| digit-FID inf | x unguided inf |" in done.stdout
+    inf_rows = re.findall(r"^\| (unguided \(w = 1\)|cfg w=1.5) \| \d+ \| [\d.]+ \| [\d.]+ \| "
+                          r"(-?[\d.]+) \| ([\d.]+|n/a) \|", done.stdout, re.M)
+    assert [r[0] for r in inf_rows] == ["unguided (w = 1)", "cfg w=1.5"], done.stdout
+    assert inf_rows[0][2] in ("1.00", "n/a")
+
     bad = _guidance_diversity(run, "--settings", "auto=2", "--out", out)
     assert bad.returncode == 2 and "need --guide" in bad.stderr
     for setting in ("cfg=two", "cfg=1.5+cfg=1.2", "auto=2+auto=3"):

@@ -88,6 +88,28 @@ def test_calibration_real_beats_blurred_beats_noise(digits):
     assert halves < 2 * real and halves < blur / 50
 
 
+def test_score_reports_fid_infinity_from_650_samples(digits):
+    """``score`` adds digit_fid_inf (Chong & Forsyth 2020) once the smallest fitted subset can
+    have a full-rank covariance (650 samples of 64-d features): for the held-out real digits the
+    1,000-sample digit-FID is mostly small-sample bias (2.66) and the extrapolation is near 0;
+    blurred digits keep a large distance. The column sits after digit_fid in the tables."""
+    _, _, _, x_out, _ = digits
+    reference = refs.reference_features("digits", features.digit_extractor(), resolution=32,
+                                        channels=1)
+    extractor = features.digit_extractor()
+    real, _ = evaluate.score(image_sets.Images(x_out, None, "real"), reference, extractor)
+    assert real["digit_fid"] > 2 and abs(real["digit_fid_inf"]) < 0.5
+    kernel = torch.tensor([1.0, 4.0, 6.0, 4.0, 1.0])
+    kernel = (kernel[:, None] * kernel[None]) / 256
+    blurred = F.conv2d(F.pad(x_out, (2, 2, 2, 2), value=-1.0), kernel[None, None])
+    blur, _ = evaluate.score(image_sets.Images(blurred, None, "blur"), reference, extractor)
+    assert blur["digit_fid_inf"] > 20 and blur["digit_fid_inf"] < blur["digit_fid"]
+    few, _ = evaluate.score(image_sets.Images(x_out[:649], None, "few"), reference, extractor)
+    assert "digit_fid" in few and "digit_fid_inf" not in few
+    from pixeldiffusion.results import COLUMNS
+    assert COLUMNS.index("digit_fid_inf") == COLUMNS.index("digit_fid") + 1
+
+
 def _fake_extractor(key):
     """A cheap extractor: 4x4 average-pooled grey pixels as 16-d features."""
     def fn(images):

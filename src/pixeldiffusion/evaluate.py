@@ -103,7 +103,10 @@ def score(images: Images, reference: Reference, extractor: Extractor, *,
     results: dict[str, float] = {}
     if n >= 2:
         fid = metrics.frechet_distance(metrics.gaussian_stats(feats), reference.stats)
-        results["digit_fid" if extractor.name == "digits" else "fid"] = fid
+        key = "digit_fid" if extractor.name == "digits" else "fid"
+        results[key] = fid
+        if n >= metrics.min_samples_for_infinity(feats.shape[1]):  # Chong & Forsyth 2020
+            results[f"{key}_inf"] = metrics.frechet_distance_infinity(feats, reference.stats)
     else:
         notes.append(f"{metric} needs at least 2 samples; got {n}")
     if reference.features.shape[0] > 3 and n > 3:

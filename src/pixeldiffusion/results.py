@@ -12,8 +12,8 @@ from typing import Any
 from .errors import PixelDiffusionError
 from .files import atomic_write, write_text_atomic
 
-COLUMNS = ("digit_fid", "fid", "is", "kid", "precision", "recall", "confidence", "class_entropy",
-           "class_accuracy")
+COLUMNS = ("digit_fid", "digit_fid_inf", "fid", "fid_inf", "is", "kid", "precision", "recall",
+           "confidence", "class_entropy", "class_accuracy")
 
 
 @dataclass
