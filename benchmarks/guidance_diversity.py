@@ -124,6 +124,11 @@ def main() -> None:
           f"{loaded.config.sample.steps} steps, random digit per image; checkpoint {loaded.path}"
           + (f", guide {args.guide}" if args.guide else "")
           + f"; held-out real digits (floor) {floor:.2f}\n")
+    print_table(rows)
+
+
+def print_table(rows: list[tuple[str, int, dict[str, float], float]]) -> None:
+    """The markdown table of (name, NFE, results, seconds) rows, the unguided one first."""
     # digit-FID_inf (Chong & Forsyth 2020; from 650 samples): the ratio without the small-sample
     # bias that inflates both digit-FIDs and so pulls their ratio towards 1
     inf = all("digit_fid_inf" in r for _, _, r, _ in rows)

@@ -157,8 +157,9 @@ def _autoguided_with_cfg(model: Model, guide: Model, x_t: Tensor, t: Tensor, y: 
                          w_cfg: float, null_class: int | None) -> Tensor:
     """D_good + (w - 1)(D_good - D_bad) + (w_cfg - 1)(D_good - D_uncond) at (x_t, t) for labels
     y [N] (``autoguided_model``'s cfg); the guide is not called where w = 1."""
-    null = torch.full_like(y, int(model.null_class) if null_class is None  # type: ignore[attr-defined]
-                           else null_class)
+    if null_class is None:
+        null_class = int(model.null_class)  # type: ignore[attr-defined]
+    null = torch.full_like(y, null_class)
     out_good, out_uncond = model(torch.cat([x_t, x_t]), torch.cat([t, t]),
                                  y=torch.cat([y, null])).chunk(2)
     out = out_good + (w_cfg - 1) * (out_good - out_uncond)  # Ho & Salimans 2022, eq. 6
