@@ -11,7 +11,8 @@ torch.set_num_threads(1)), so a minute is a core-minute:
   SIGINT (the run saves its current step, the documented Ctrl-C behaviour). Defaults are the
   run measured in docs/consistency.md (``--train.steps 5600 --train.lr 2e-4`` on distill's
   defaults: ECT's q = 2 with Delta t halved every steps / 8, the teacher's dropout) unless
-  ``--distill`` overrides set them; sampled at ``--steps`` (1, 2, 4) from the EMA weights.
+  ``--distill`` overrides set them (``--distill "--method cd"`` for consistency distillation);
+  sampled at ``--steps`` (1, 2, 4) from the EMA weights.
 * teacher: every ``--teacher_samplers`` SAMPLER:SPACING at each ``--nfe`` (1, 2, 4, 10, 20 model
   calls); the table keeps the best digit-FID per NFE and names its sampler.
 * floor: held-out real digits (never seen by the digit classifier), as many as the samples.

@@ -308,3 +308,21 @@ def test_training_logs_the_metric_to_log_and_tensorboard(tiny_args, tmp_path):
     events = EventAccumulator(str(tmp_path / "run" / "tensorboard"))
     events.Reload()
     assert [e.step for e in events.Scalars("eval/digit_fid")] == [2, 4]
+
+
+def test_training_logs_fid_infinity_from_650_samples(tiny_args, tmp_path):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    from pixeldiffusion.config import load_config
+    from pixeldiffusion.run import train
+
+    cfg = load_config(None, [*tiny_args, "--train.steps", "2", "--train.eval_samples", "650",
+                             "--train.eval_every", "2", "--train.eval_steps", "1",
+                             "--train.tensorboard", "true"])
+    lines = []
+    train(cfg, tmp_path / "run", progress=False, log=lines.append)
+    evals = [line for line in lines if line.startswith("eval at step")]
+    assert len(evals) == 1 and "digit-fid-inf" in evals[0]
+    events = EventAccumulator(str(tmp_path / "run" / "tensorboard"))
+    events.Reload()
+    assert [e.step for e in events.Scalars("eval/digit_fid_inf")] == [2]

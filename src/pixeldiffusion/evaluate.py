@@ -412,8 +412,8 @@ class TrainingEval:
         for extractor, reference in self.parts:
             results, provenance = score(images, reference, extractor, kid_subsets=10)
             notes += provenance.warnings
-            for key in ("digit_fid", "fid", "is", "confidence", "class_entropy",
-                        "class_accuracy"):
+            for key in ("digit_fid", "digit_fid_inf", "fid", "fid_inf", "is", "confidence",
+                        "class_entropy", "class_accuracy"):
                 if key in results:
                     scalars[f"eval/{key}"] = results[key]
                     parts.append(f"{key.replace('_', '-')} {results[key]:.4g}")
