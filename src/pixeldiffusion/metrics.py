@@ -133,13 +133,12 @@ def frechet_distance_infinity(features: np.ndarray | torch.Tensor, reference: Ga
     """
     x = as_float64(features)
     n, dim = x.shape
-    low = int(round(smallest * n))
-    if low < 2 * min_samples_for_fid(dim) or points < 2:
+    if n < min_samples_for_infinity(dim, smallest) or points < 2:
         raise ValueError(f"FID_inf of {dim}-d features needs at least "
                          f"{min_samples_for_infinity(dim, smallest)} samples and 2 points; got "
                          f"{n} samples and {points} points")
     rng = np.random.default_rng(seed)
-    sizes = np.unique(np.linspace(low, n, points).round().astype(int))
+    sizes = np.unique(np.linspace(smallest * n, n, points).round().astype(int))
     fids = [frechet_distance(gaussian_stats(x[rng.choice(n, size, replace=False)]), reference)
             for size in sizes]
     design = np.stack([np.ones(len(sizes)), 1.0 / sizes], axis=1)
