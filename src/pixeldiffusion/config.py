@@ -241,6 +241,7 @@ class SampleConfig:
 
 
 CONSISTENCY_METHODS = ("none", "ect", "cd")
+TEACHER_SOLVERS = ("euler", "heun")  # consistency distillation's ODE step (consistency.py)
 
 
 @dataclass
@@ -267,7 +268,7 @@ class ConsistencyConfig:
     k: float = _opt(8.0, low=0.0, high=1e3, doc="ECT: n(t) = 1 + k sigmoid(-b t)")
     b: float = _opt(1.0, low=0.0, high=1e3, doc="ECT: n(t) = 1 + k sigmoid(-b t)")
     c: float = _opt(0.0, low=0.0, high=1e3, doc="ECT: 0 = L2 norm, > 0 = pseudo-Huber")
-    solver: str = _opt("euler", choices=("euler", "heun"), doc="cd: the teacher's ODE step "
+    solver: str = _opt("euler", choices=TEACHER_SOLVERS, doc="cd: the teacher's ODE step "
                        "from t to r (euler: one more forward pass a step, heun: two)")
 
 

@@ -30,6 +30,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from .config import TEACHER_SOLVERS
 from .diffusion import x0_eps_from_output
 from .errors import ConfigError
 from .formulations import VPBridge, edm_scalings
@@ -223,9 +224,6 @@ def _same_dropout_masks(device: torch.device) -> AbstractContextManager[Any]:
 def _per_image(s: Tensor) -> Tensor:
     """[N] -> [N, 1, 1, 1], to scale a batch of images one number each."""
     return s.reshape(-1, 1, 1, 1)
-
-
-TEACHER_SOLVERS = ("euler", "heun")
 
 
 def teacher_ode_step(teacher: Callable[..., Tensor], x_t: Tensor, t: Tensor, r: Tensor, *,

@@ -18,6 +18,7 @@ so every checkpoint it writes says what it is and ``generate`` samples it with
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -83,18 +84,17 @@ def ect_loss_of(cfg: Config, teacher: Callable[..., Tensor] | None = None) -> EC
 class FrozenTeacher:
     """The teacher's EDM denoiser ``D(x, sigma, y=None)`` (``consistency.teacher_denoiser``)
     from its checkpoint's EMA weights, frozen (eval mode, no gradients), moved to the device of
-    the first x it is called with: consistency distillation's ODE steps."""
+    the x it is called with: consistency distillation's ODE steps. ``net`` is the network, whose
+    weights also start a fresh run (``start_from_teacher``)."""
 
     def __init__(self, path: str | Path) -> None:
         loaded = load_checkpoint(path)
         self.net = loaded.model.eval().requires_grad_(False)
         self.denoise = teacher_denoiser(self.net, bridge_for(loaded.config.diffusion))
-        self.device = torch.device("cpu")
 
     def __call__(self, x: Tensor, sigma: Tensor, y: Tensor | None = None) -> Tensor:
-        if x.device != self.device:
+        if next(self.net.parameters()).device != x.device:
             self.net.to(x.device)
-            self.device = x.device
         return self.denoise(x, sigma, y=y)
 
 
@@ -122,20 +122,24 @@ class DistillLoss:
 
     def __init__(self, ect: ECTLoss, diffusion: DiffusionConfig, clock: StepClock) -> None:
         self.ect, self.bridge, self.clock = ect, bridge_for(diffusion), clock
+        self.raw: EDMRawNetwork | None = None  # built once per net: its table copies persist
 
     def __call__(self, net: Callable[..., Tensor], x0: Tensor, *,
                  generator: torch.Generator | None = None, y: Tensor | None = None) -> Tensor:
-        raw = EDMRawNetwork(net, self.bridge, self.ect.sigma_data)
-        return self.ect(raw, x0, generator=generator, y=y, step=self.clock.step)
+        if self.raw is None or self.raw.net is not net:
+            self.raw = EDMRawNetwork(net, self.bridge, self.ect.sigma_data)
+        return self.ect(self.raw, x0, generator=generator, y=y, step=self.clock.step)
 
 
-def start_from_teacher(state: TrainState) -> None:
+def start_from_teacher(state: TrainState, weights: dict[str, Tensor] | None = None) -> None:
     """A fresh run's raw and EMA weights become the teacher's EMA weights (ECT starts from the
-    pretrained model); a resumed run keeps what it restored."""
+    pretrained model): ``weights`` where the caller has read them already, else read from
+    ``consistency.teacher``; a resumed run keeps what it restored."""
     if state.checkpoint is not None:
         return
     teacher = state.cfg.consistency.teacher
-    weights = load_checkpoint(teacher).model.state_dict()
+    if weights is None:
+        weights = load_checkpoint(teacher).model.state_dict()
     for module in (state.accelerator.unwrap_model(state.model), state.ema):
         load_state_checked(module, weights, teacher)
 
@@ -155,9 +159,11 @@ def tune(cfg: Config, run_dir: str | Path | None = None, *, resume: str | None =
     clock = StepClock()
     teacher = FrozenTeacher(cfg.consistency.teacher) if cfg.consistency.method == "cd" else None
     loss = DistillLoss(ect_loss_of(cfg, teacher), cfg.diffusion, clock)
+    start = start_from_teacher if teacher is None else functools.partial(
+        start_from_teacher, weights=teacher.net.state_dict())  # the file is read once
     extra = default_hooks(cfg) if hooks is None else list(hooks)
     return train(cfg, run_dir, resume=resume, progress=progress, log=log, loss_fn=loss,
-                 hooks=[Hook(0, _nothing, setup=start_from_teacher), clock.hook(), *extra],
+                 hooks=[Hook(0, _nothing, setup=start), clock.hook(), *extra],
                  **kwargs)
 
 

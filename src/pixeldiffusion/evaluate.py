@@ -32,7 +32,7 @@ from .errors import DataError, PixelDiffusionError, did_you_mean
 from .features import Extractor, digit_extractor, extract_batched, inception_extractor
 from .image_sets import Images
 from .reference import Reference, reference_features
-from .results import Provenance, Row, check_plot_path, plot_vs_nfe, write_results
+from .results import COLUMNS, Provenance, Row, check_plot_path, plot_vs_nfe, write_results
 
 # --------------------------------------------------------------------------- scoring
 
@@ -365,6 +365,10 @@ def default_reference(cfg: Any | None) -> str:
     return cfg.data.dataset
 
 
+# the table's metrics that training logs and prints (KID and precision/recall are left to eval)
+TRAINING_SCALARS = tuple(k for k in COLUMNS if k not in ("kid", "precision", "recall"))
+
+
 class TrainingEval:
     """Metrics during training (``train.eval_*``): sample ``train.eval_samples`` images with the
     EMA weights and ``train.eval_sampler`` / ``eval_steps``, score them with the digit extractor
@@ -412,8 +416,7 @@ class TrainingEval:
         for extractor, reference in self.parts:
             results, provenance = score(images, reference, extractor, kid_subsets=10)
             notes += provenance.warnings
-            for key in ("digit_fid", "digit_fid_inf", "fid", "fid_inf", "is", "confidence",
-                        "class_entropy", "class_accuracy"):
+            for key in TRAINING_SCALARS:
                 if key in results:
                     scalars[f"eval/{key}"] = results[key]
                     parts.append(f"{key.replace('_', '-')} {results[key]:.4g}")
