@@ -9,6 +9,8 @@
         --diffusers_minutes                                     # the floor-goal recipe alone
     python benchmarks/quality_per_minute.py --ours "edm=-c configs/mnist_edm.yaml" \
         --ours "flow=-c configs/mnist_flow.yaml" --diffusers_minutes  # the other formulations
+    python benchmarks/quality_per_minute.py --ours "ddpm=-c configs/mnist_cosine_8k.yaml" \
+        --diffusers_minutes --samples 5000 --autoguidance 2000:2   # the best recipe, autoguided
 
 Each recipe gets one CPU core and one thread (``--cores 2``, the default on a machine with two
 or more): the diffusers run on core 1 for the longest of ``--diffusers_minutes``, keeping its EMA
@@ -31,6 +33,11 @@ another on all cores instead.
   AdamW (lr 1e-4, weight decay 1e-6, the example's defaults) with 500 warm-up steps, batch 16,
   ``EMAModel`` (max decay 0.9999, power 3/4), the plain MSE loss; sampled with ``DDIMScheduler``
   at 50 steps (eta 0) from the EMA weights.
+* autoguided (``--autoguidance STEP:W``): each of our recipes once more, guided (Karras et
+  al. 2024, "Guiding a Diffusion Model with a Bad Version of Itself") by its own early self:
+  the power-function EMA of sigma_rel 0.05 at step STEP, rebuilt from the run's post-hoc EMA
+  snapshots (so the recipes must record them, ``--train.posthoc_ema_every K`` with K <= STEP;
+  checked before any training), at weight W; twice the model calls of the unguided row.
 * floor: held-out real digits (never seen by the digit classifier), as many as the samples,
   scored the same way.
 
@@ -49,6 +56,7 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -60,10 +68,13 @@ from PIL import Image
 from pixeldiffusion.checkpoint import load_checkpoint
 from pixeldiffusion.config import Config, load_config
 from pixeldiffusion.digit_classifier import builtin_digits
+from pixeldiffusion.ema_snapshots import reconstruct_run, save_reconstruction
 from pixeldiffusion.generate import generate
+from pixeldiffusion.guidance import load_guidance_model
 from pixeldiffusion.images import save_grid
 
 REPO = Path(__file__).resolve().parents[1]
+GUIDE_SIGMA_REL = 0.05  # the guide's EMA length: EDM2's shorter tracked profile
 
 
 def pin(core: int | None) -> None:
@@ -165,14 +176,51 @@ def sample_diffusers(weights: dict, n: int, batch: int = 250, seed: int = 0) -> 
     return torch.cat(images)
 
 
-def sample_ours(checkpoint: Path, n: int, seed: int = 0) -> tuple[torch.Tensor, Config]:
+def sample_ours(checkpoint: Path, n: int, seed: int = 0, *, guide: Path | None = None,
+                guidance: float | None = None) -> tuple[torch.Tensor, Config]:
     """The checkpoint's own sampler config from the EMA weights: ([n, 1, 32, 32] in [-1, 1],
-    the checkpoint's config)."""
+    the checkpoint's config); autoguided by the checkpoint ``guide`` at weight ``guidance``
+    when given."""
     from dataclasses import replace
 
     loaded = load_checkpoint(checkpoint, device="cpu")
     cfg = replace(loaded.config, sample=replace(loaded.config.sample, n_samples=n, seed=seed))
-    return generate(loaded.model, cfg, torch.device("cpu"), micro_batch=250).images, loaded.config
+    guide_model = None if guide is None else load_guidance_model(guide, cfg)
+    return generate(loaded.model, cfg, torch.device("cpu"), micro_batch=250, guidance=guidance,
+                    guidance_model=guide_model).images, loaded.config
+
+
+def parse_autoguidance(text: str) -> tuple[int, float]:
+    """``STEP:W`` -> (the snapshot step of the guide, the autoguidance weight)."""
+    step, _, weight = text.partition(":")
+    try:
+        return int(step), float(weight)
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"{text!r}: expected STEP:W, e.g. 2000:2 (the run's own post-hoc EMA at step 2000 "
+            f"guides it at weight 2)") from None
+
+
+def check_snapshots(recipes: list[tuple[str, list[str]]], step: int) -> None:
+    """Before any training: every recipe must record post-hoc EMA snapshots by ``step``, the
+    guide autoguidance rebuilds from them."""
+    for name, overrides in recipes:
+        has_file = overrides[:1] in (["-c"], ["--config"])
+        path, rest = (overrides[1], overrides[2:]) if has_file else (None, overrides)
+        every = load_config(path, rest).train.posthoc_ema_every
+        if not 0 < every <= step:
+            raise SystemExit(f"--autoguidance rebuilds each run's guide at step {step} from its "
+                             f"post-hoc EMA snapshots, but recipe {name!r} records none by then "
+                             f"(train.posthoc_ema_every {every}); add --train.posthoc_ema_every "
+                             f"K with K <= {step} to its overrides")
+
+
+def rebuild_guide(run_dir: Path, step: int, out: Path) -> tuple[Path, int]:
+    """The run's power-function EMA (sigma_rel 0.05, EDM2's short profile) at the last
+    snapshot at or before ``step``, written as a checkpoint: (the guide of autoguidance, its
+    step)."""
+    rebuilt = reconstruct_run(run_dir, GUIDE_SIGMA_REL, step)
+    return save_reconstruction(rebuilt, out), rebuilt.step
 
 
 def diffusers_worker(args: argparse.Namespace) -> None:
@@ -206,7 +254,7 @@ def parse_recipe(text: str) -> tuple[str, list[str]]:
     return name, overrides.split()
 
 
-def main() -> None:
+def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--minutes", type=float, help="one budget for every run (smoke tests)")
     parser.add_argument("--ours", action="append", type=parse_recipe,
@@ -219,6 +267,10 @@ def main() -> None:
                         default=2 if len(os.sched_getaffinity(0)) >= 2 else 1,
                         help="2: diffusers on core 1 while ours run on core 0, one thread each")
     parser.add_argument("--out", default=str(REPO / "benchmarks" / "out" / "quality_per_minute"))
+    parser.add_argument("--autoguidance", type=parse_autoguidance, metavar="STEP:W",
+                        help="also score each recipe autoguided (Karras et al. 2024) by its own "
+                             "post-hoc EMA at step STEP, weight W; the recipes must record "
+                             "snapshots (--train.posthoc_ema_every)")
     parser.add_argument("--worker", choices=("diffusers",), help=argparse.SUPPRESS)
     parser.add_argument("--core", type=int, default=0,
                         help="with --cores 2, the core our recipes run on (default 0); two runs "
@@ -226,6 +278,38 @@ def main() -> None:
     args = parser.parse_args()
     if args.minutes is not None:
         args.ours_minutes, args.diffusers_minutes = args.minutes, [args.minutes]
+    return args
+
+
+def score_ours(args: argparse.Namespace, recipes: list[tuple[str, list[str]]], out: Path,
+               digit_fid: Callable[[torch.Tensor], float]) -> tuple[list[tuple], list[Path]]:
+    """Train and score each of our recipes (and, with ``--autoguidance``, each autoguided
+    by its own early post-hoc EMA): (table rows, grid PNGs)."""
+    rows, grids = [], []
+    for name, overrides in recipes:
+        began = time.monotonic()
+        checkpoint, steps = train_ours(args.ours_minutes, out / f"ours-{name}", overrides)
+        trained = f"{(time.monotonic() - began) / 60:.1f}"
+        images, config = sample_ours(checkpoint, args.samples)
+        sampling = f"{config.sample.sampler}-{config.sample.steps}"
+        if config.model.num_classes:  # say how the labels were drawn: it changes the task
+            sampling += f", class {config.sample.class_label}, w {config.sample.guidance:g}"
+        grids.append(save_grid(images[:64], out / f"ours-{name}.png"))
+        label = f"pixeldiffusion {name} ({' '.join(overrides) or 'the defaults'}), {sampling}"
+        rows.append((label, trained, steps, digit_fid(images)))
+        if args.autoguidance:
+            (step, weight), run_dir = args.autoguidance, out / f"ours-{name}"
+            guide, at = rebuild_guide(run_dir, step, out / f"ours-{name}-guide.safetensors")
+            images, _ = sample_ours(checkpoint, args.samples, guide=guide, guidance=weight)
+            grids.append(save_grid(images[:64], out / f"ours-{name}-autoguided.png"))
+            rows.append((f"{label}, autoguided by its own step-{at} post-hoc EMA (sigma_rel "
+                         f"{GUIDE_SIGMA_REL:g}), w {weight:g}, twice the model calls",
+                         trained, steps, digit_fid(images)))
+    return rows, grids
+
+
+def main() -> None:
+    args = parse_args()
     if args.worker == "diffusers":
         return diffusers_worker(args)
     recipes = args.ours or [("default", [])]
@@ -234,6 +318,8 @@ def main() -> None:
     for name, _ in recipes:
         if (out / f"ours-{name}").exists():
             raise SystemExit(f"{out / f'ours-{name}'} exists; remove it or pass another --out")
+    if args.autoguidance:
+        check_snapshots(recipes, args.autoguidance[0])
 
     worker = [sys.executable, __file__, "--worker", "diffusers", "--out", str(out),
               "--samples", str(args.samples), "--diffusers_minutes",
@@ -249,18 +335,8 @@ def main() -> None:
     floor = digit_fid(held_out[:args.samples])
     rows = [("held-out real digits (floor)", "", "", floor)]
     grids = [save_grid(held_out[:64], out / "real.png")]
-    for name, overrides in recipes:
-        began = time.monotonic()
-        checkpoint, steps = train_ours(args.ours_minutes, out / f"ours-{name}", overrides)
-        trained = time.monotonic() - began
-        images, config = sample_ours(checkpoint, args.samples)
-        sampling = f"{config.sample.sampler}-{config.sample.steps}"
-        if config.model.num_classes:  # say how the labels were drawn: it changes the task
-            sampling += f", class {config.sample.class_label}, w {config.sample.guidance:g}"
-        grids.append(save_grid(images[:64], out / f"ours-{name}.png"))
-        rows.append((f"pixeldiffusion {name} ({' '.join(overrides) or 'the defaults'}), "
-                     + sampling,
-                     f"{trained / 60:.1f}", steps, digit_fid(images)))
+    ours_rows, ours_grids = score_ours(args, recipes, out, digit_fid)
+    rows, grids = rows + ours_rows, grids + ours_grids
     if background is not None:
         if background.wait() != 0:
             raise SystemExit("the diffusers run failed (its error is above)")

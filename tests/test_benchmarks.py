@@ -45,6 +45,51 @@ def test_quality_per_minute_runs_our_recipes_alone(tmp_path):
     assert all(fid > 0 for _, fid in rows.values())
 
 
+def _quality_per_minute(*args):
+    return subprocess.run([sys.executable, str(REPO / "benchmarks" / "quality_per_minute.py"),
+                           "--cores", "1", "--diffusers_minutes", *map(str, args)],
+                          capture_output=True, text=True, timeout=600)
+
+
+def test_quality_per_minute_autoguides_each_recipe_by_its_own_early_ema(tmp_path):
+    """``--autoguidance STEP:W``: a second row per recipe, sampled with the run's own post-hoc EMA
+    (sigma_rel 0.05) at the last snapshot by STEP as the guide; the guide file is that
+    reconstruction, and its images differ from the unguided row's."""
+    from pixeldiffusion.checkpoint import read_metadata
+
+    out = tmp_path / "out"
+    tiny = " ".join(TINY)
+    done = _quality_per_minute("--ours_minutes", "5", "--samples", "60", "--out", out,
+                               "--ours", f"tiny={tiny} --train.posthoc_ema_every 2",
+                               "--autoguidance", "3:2")
+    assert done.returncode == 0, done.stderr[-3000:]
+    rows = re.findall(r"^\| pixeldiffusion tiny (.*?) \| [\d.]+ \| (\d+) \| ([\d.]+) \|",
+                      done.stdout, re.M)
+    assert len(rows) == 2, done.stdout
+    assert "autoguided" not in rows[0][0]
+    assert "autoguided by its own step-2 post-hoc EMA (sigma_rel 0.05), w 2" in rows[1][0]
+    assert rows[0][1] == rows[1][1] == "4"  # the same trained model
+    assert float(rows[0][2]) != float(rows[1][2])
+    metadata = read_metadata(out / "ours-tiny-guide.safetensors")
+    assert metadata["step"] == "2" and float(metadata["sigma_rel"]) == 0.05, metadata
+    assert (out / "ours-tiny-autoguided.png").is_file()
+
+
+def test_quality_per_minute_refuses_autoguidance_without_snapshots_before_training(tmp_path):
+    """A recipe that records no post-hoc EMA snapshots (or the first too late) cannot give a
+    guide: one message naming the fix, before any minute is spent on training."""
+    out = tmp_path / "out"
+    for extra, step in (("", "2"), (" --train.posthoc_ema_every 4", "3")):
+        done = _quality_per_minute("--ours_minutes", "5", "--out", out, "--autoguidance",
+                                   f"{step}:2", "--ours", f"tiny={' '.join(TINY)}{extra}")
+        assert done.returncode != 0
+        assert "records none by then" in done.stderr and "--train.posthoc_ema_every" in \
+            done.stderr, done.stderr[-2000:]
+        assert not (out / "ours-tiny").exists()
+    bad = _quality_per_minute("--autoguidance", "two:2", "--out", out)
+    assert bad.returncode == 2 and "expected STEP:W" in bad.stderr
+
+
 def _guidance_diversity(*args):
     return subprocess.run([sys.executable, str(REPO / "benchmarks" / "guidance_diversity.py"),
                            *map(str, args)], capture_output=True, text=True, timeout=600)

@@ -83,25 +83,31 @@ def _add_train(commands: argparse._SubParsersAction) -> None:
 
 
 DISTILL_HELP = """Tunes a trained checkpoint of any formulation into a consistency model that
-samples in 1, 2 or 4 model calls (Easy Consistency Tuning; docs/consistency.md). Config keys
-override as --section.key value, e.g.
+samples in 1, 2 or 4 model calls (Easy Consistency Tuning; docs/consistency.md), or with
+--method pd into a DDIM model of progressive.to_steps steps. Config keys override as
+--section.key value, e.g.
   pixeldiffusion distill -cp runs/digits -e runs/digits-ect --train.steps 2000
   pixeldiffusion distill -e runs/digits-ect --resume auto     # continue where it stopped
   pixeldiffusion sample -cp runs/digits-ect --steps 1
+  pixeldiffusion distill -cp runs/digits -e runs/digits-pd --method pd \
+      --progressive.from_steps 64 --progressive.to_steps 2 --train.steps 6000
 """
 
 
 def _add_distill(commands: argparse._SubParsersAction) -> None:
-    d = commands.add_parser("distill", help="tune a checkpoint into a few-step consistency model",
+    d = commands.add_parser("distill", help="tune a checkpoint into a few-step model "
+                            "(consistency model or progressive distillation)",
                             epilog=DISTILL_HELP,
                             formatter_class=argparse.RawDescriptionHelpFormatter)
     d.add_argument("-cp", "--checkpoint", help="the teacher: .safetensors file, checkpoint "
                    "directory or run directory (not needed with --resume)")
     d.add_argument("-e", "--exp_dir", help="run directory (default: runs/exp-<time>)")
-    d.add_argument("--method", default="ect", choices=("ect", "cd"),
+    d.add_argument("--method", default="ect", choices=("ect", "cd", "pd"),
                    help="ect: Easy Consistency Tuning (Geng et al. 2024); cd: consistency "
                         "distillation (Song et al. 2023) on ECT's schedule, the target at the "
-                        "teacher's ODE step (--consistency.solver euler|heun)")
+                        "teacher's ODE step (--consistency.solver euler|heun); pd: progressive "
+                        "distillation (Salimans & Ho 2022), DDIM steps halved per stage from "
+                        "--progressive.from_steps (64) to --progressive.to_steps (1)")
     d.add_argument("--resume", help="'auto' (newest checkpoint of -e) or a checkpoint path")
     d.add_argument("--device", help="shortcut for --train.device (auto|cpu|cuda|mps)")
     d.add_argument("--no_progress", action="store_true", help="no progress bar")
@@ -219,8 +225,9 @@ def _train(args: argparse.Namespace, overrides: list[str]) -> int:
     cfg = load_config(config_path, overrides)
     finished = False
     try:
-        if cfg.consistency.method != "none":  # a distill run, resumed as its Ctrl-C message says
-            from .distill import tune
+        from .distill import is_distill_run, tune
+
+        if is_distill_run(cfg):  # a distill run, resumed as its Ctrl-C message says
             tune(cfg, args.exp_dir, resume=args.resume, progress=not args.no_progress)
         else:
             train(cfg, args.exp_dir, resume=args.resume, progress=not args.no_progress)

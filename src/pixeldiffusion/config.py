@@ -273,6 +273,22 @@ class ConsistencyConfig:
 
 
 @dataclass
+class ProgressiveConfig:
+    """A diffusion model made by progressive distillation (Salimans & Ho 2022; ``pixeldiffusion
+    distill --method pd``, progressive.py): each stage halves the DDIM steps, from ``from_steps``
+    (the teacher's) to ``to_steps``, ``stage_steps`` optimizer steps each. An empty teacher is
+    a model that was not distilled this way."""
+
+    teacher: str = _opt("", doc="the checkpoint it was distilled from; empty = not distilled")
+    from_steps: int = _opt(64, low=2, high=100_000, doc="the teacher's DDIM steps, which the "
+                           "first stage halves; to_steps times a power of 2")
+    to_steps: int = _opt(1, low=1, high=100_000, doc="the DDIM steps of the final student")
+    stage_steps: int = _opt(0, low=0, high=100_000_000, doc="optimizer steps per stage (the "
+                            "last stage runs on to train.steps); 0 = train.steps / the number "
+                            "of stages")
+
+
+@dataclass
 class Config:
     data: DataConfig = field(default_factory=DataConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
@@ -280,6 +296,7 @@ class Config:
     train: TrainConfig = field(default_factory=TrainConfig)
     sample: SampleConfig = field(default_factory=SampleConfig)
     consistency: ConsistencyConfig = field(default_factory=ConsistencyConfig)
+    progressive: ProgressiveConfig = field(default_factory=ProgressiveConfig)
 
     def to_dict(self) -> dict[str, dict[str, Any]]:
         """Plain dict of plain values (tuples as lists), ready for YAML or JSON."""
@@ -289,7 +306,8 @@ class Config:
 
 
 SECTIONS: dict[str, type] = {"data": DataConfig, "model": ModelConfig, "diffusion": DiffusionConfig,
-            "train": TrainConfig, "sample": SampleConfig, "consistency": ConsistencyConfig}
+            "train": TrainConfig, "sample": SampleConfig, "consistency": ConsistencyConfig,
+            "progressive": ProgressiveConfig}
 
 
 def all_keys() -> list[str]:
@@ -539,8 +557,25 @@ def _check_consistency(cfg: Config) -> None:
         raise ConfigError(f"config key 'sample.guidance_interval' must be two noise levels "
                           f"sigma_lo,sigma_hi with sigma_lo < sigma_hi; got {list(interval)}")
     _check_sampler_kind(cfg)
+    _check_progressive(cfg)
     if cfg.sample.steps > cfg.diffusion.timesteps:
         raise ConfigError(f"config key 'sample.steps' ({cfg.sample.steps}) must be at most "
+                          f"diffusion.timesteps ({cfg.diffusion.timesteps})")
+
+
+def _check_progressive(cfg: Config) -> None:
+    """Progressive distillation halves the steps: from_steps = to_steps 2^m with m >= 1, at most
+    diffusion.timesteps."""
+    p = cfg.progressive
+    if not p.teacher:
+        return
+    halvings = (p.from_steps // p.to_steps).bit_length() - 1
+    if p.from_steps <= p.to_steps or p.from_steps != p.to_steps << halvings:
+        raise ConfigError(f"config key 'progressive.from_steps' ({p.from_steps}) must be "
+                          f"progressive.to_steps ({p.to_steps}) times a power of 2, e.g. "
+                          f"{p.to_steps * 64}: each stage halves the steps")
+    if p.from_steps > cfg.diffusion.timesteps:
+        raise ConfigError(f"config key 'progressive.from_steps' ({p.from_steps}) must be at most "
                           f"diffusion.timesteps ({cfg.diffusion.timesteps})")
 
 

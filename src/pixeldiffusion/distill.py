@@ -32,9 +32,10 @@ from .config import parse_overrides as _parse_overrides
 from .consistency import SIGMA_MAX, ECTLoss, EDMRawNetwork, highest_sigma, teacher_denoiser
 from .errors import PixelDiffusionError
 from .formulations import bridge_for
+from .progressive import ProgressiveDistiller
 from .train import Hook, TrainResult, TrainState, _log
 
-METHODS = ("ect", "cd")
+METHODS = ("ect", "cd", "pd")
 ECT_LR = 1e-4  # locuslab/ect run_ecm.sh (RAdam there; the loop's AdamW with weight decay 0 here)
 STAGES = 8  # ECT halves Delta t 8 times over a run (d = 25k of 200k steps)
 
@@ -61,14 +62,33 @@ def student_config(teacher: str | Path, overrides: Sequence[str] = (), *,
     if base.consistency.method != "none":
         raise DistillError(f"'{loaded.path}' is already a consistency model (tuned from "
                            f"'{base.consistency.teacher}'); distill a diffusion checkpoint")
+    teacher_path = str(loaded.path.resolve())
+    if method == "pd":
+        return _progressive_config(base, teacher_path, overrides)
     sigma_max = min(SIGMA_MAX, highest_sigma(bridge_for(base.diffusion)))
     cfg = from_dict({
-        "consistency": {"method": method, "teacher": str(loaded.path.resolve()),
-                        "sigma_max": sigma_max},
+        "consistency": {"method": method, "teacher": teacher_path, "sigma_max": sigma_max},
+        "progressive": {"teacher": ""},  # a pd student tuned on is no longer one
         "sample": {"sampler": CONSISTENCY_SAMPLER, "steps": 2, "spacing": None},
         "train": {"lr": ECT_LR, "eval_sampler": CONSISTENCY_SAMPLER, "eval_steps": 2},
     }, base=base)
     return apply_overrides(cfg, _parse_overrides(overrides)) if overrides else cfg
+
+
+def _progressive_config(base: Config, teacher: str, overrides: Sequence[str]) -> Config:
+    """``student_config`` for method pd: a diffusion model sampled by DDIM on the uniform grid
+    in progressive.to_steps steps, without x0 clipping (progressive.py), unless the overrides
+    set the sample steps themselves."""
+    pairs = _parse_overrides(overrides) if overrides else []
+    cfg = from_dict({"progressive": {"teacher": teacher}}, base=apply_overrides(base, pairs))
+    steps = cfg.progressive.to_steps
+    keys = {key for key, _ in pairs}
+    return apply_overrides(from_dict({
+        "sample": {"sampler": "ddim", "spacing": "uniform", "eta": 0.0, "clip_x0": False,
+                   "steps": cfg.sample.steps if "sample.steps" in keys else steps},
+        "train": {"lr": cfg.train.lr if "train.lr" in keys else ECT_LR, "eval_sampler": "ddim",
+                  "eval_steps": steps},
+    }, base=cfg), pairs)
 
 
 def ect_loss_of(cfg: Config, teacher: Callable[..., Tensor] | None = None) -> ECTLoss:
@@ -153,18 +173,28 @@ def tune(cfg: Config, run_dir: str | Path | None = None, *, resume: str | None =
     from .run import default_hooks
     from .train import train
 
+    extra = default_hooks(cfg) if hooks is None else list(hooks)
+    if cfg.progressive.teacher:  # method pd
+        distiller = ProgressiveDistiller(cfg)
+        return train(cfg, run_dir, resume=resume, progress=progress, log=log, loss_fn=distiller,
+                     hooks=[distiller.hook(), *extra], **kwargs)
     if cfg.consistency.method not in METHODS:
-        raise DistillError("this config is not a consistency model's; make one with "
+        raise DistillError("this config is not a distilled model's; make one with "
                            "pixeldiffusion distill -cp TEACHER")
     clock = StepClock()
     teacher = FrozenTeacher(cfg.consistency.teacher) if cfg.consistency.method == "cd" else None
     loss = DistillLoss(ect_loss_of(cfg, teacher), cfg.diffusion, clock)
     start = start_from_teacher if teacher is None else functools.partial(
         start_from_teacher, weights=teacher.net.state_dict())  # the file is read once
-    extra = default_hooks(cfg) if hooks is None else list(hooks)
     return train(cfg, run_dir, resume=resume, progress=progress, log=log, loss_fn=loss,
                  hooks=[Hook(0, _nothing, setup=start), clock.hook(), *extra],
                  **kwargs)
+
+
+def is_distill_run(cfg: Config) -> bool:
+    """Whether ``cfg`` is a ``distill`` run's (a consistency model or progressive distillation),
+    which ``tune`` continues, rather than a training run's."""
+    return cfg.consistency.method != "none" or bool(cfg.progressive.teacher)
 
 
 def _nothing(state: TrainState) -> None:
