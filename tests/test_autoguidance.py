@@ -136,11 +136,11 @@ def test_a_guide_of_another_shape_formulation_or_class_count_is_refused(tiny_arg
 
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory, tiny_args):
-    """A tiny unconditional run with checkpoints at steps 2 and 4 (lr high enough that they
-    differ clearly)."""
+    """A tiny unconditional run with checkpoints and post-hoc EMA snapshots at steps 2 and 4 (lr
+    high enough that they differ clearly)."""
     run = tmp_path_factory.mktemp("autoguide") / "run"
     assert main(["train", "-e", str(run), *tiny_args, "--train.save_every", "2",
-                 "--train.lr", "0.01", "--no_progress"]) == 0
+                 "--train.posthoc_ema_every", "2", "--train.lr", "0.01", "--no_progress"]) == 0
     return run
 
 
@@ -162,6 +162,23 @@ def test_sampling_guided_by_an_earlier_checkpoint_of_itself(trained, tmp_path):
     assert np.array_equal(plain, w1)  # w = 1 is the model alone
     assert not np.array_equal(w1, w3)
     assert w3.shape == (4, 32, 32, 1)
+
+
+def test_a_runs_own_ema_snapshot_guides_it_as_its_rebuilt_ema_does(trained, tmp_path):
+    """The recipe of configs/mnist_cosine_8k.yaml: the run's post-hoc EMA snapshot (sigma_rel
+    0.05 at step 2) is a guide as it stands, the same as ``pixeldiffusion ema --step 2`` rebuilds
+    it, and guiding by it changes the samples."""
+    snapshot = trained / "ema_snapshots" / "step-0000002-sigma_rel-0.050.safetensors"
+    rebuilt = tmp_path / "rebuilt.safetensors"
+    assert main(["ema", str(trained), "--sigma_rel", "0.05", "--step", "2", "-o",
+                 str(rebuilt)]) == 0
+    plain = _sample_npz(trained, tmp_path / "plain")
+    by_snapshot = _sample_npz(trained, tmp_path / "snap", "--guidance_model", str(snapshot),
+                              "--guidance", "2")
+    by_rebuilt = _sample_npz(trained, tmp_path / "rebuilt", "--guidance_model", str(rebuilt),
+                             "--guidance", "2")
+    np.testing.assert_allclose(by_snapshot, by_rebuilt, rtol=0, atol=2 / 255)
+    assert not np.array_equal(plain, by_snapshot)
 
 
 def test_generate_takes_the_guidance_model(trained):
