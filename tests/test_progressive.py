@@ -16,8 +16,13 @@ from pixeldiffusion.cli import main
 from pixeldiffusion.config import load_config
 from pixeldiffusion.distill import student_config, tune
 from pixeldiffusion.formulations import bridge_for
-from pixeldiffusion.progressive import (check_nested, ddim_step, distillation_target,
-                                        stage_sigmas, truncated_snr_weight)
+from pixeldiffusion.progressive import (
+    check_nested,
+    ddim_step,
+    distillation_target,
+    stage_sigmas,
+    truncated_snr_weight,
+)
 from pixeldiffusion.schedule import sampling_timesteps, sigma_of
 
 PD = ["--method", "pd", "--progressive.from_steps", "8", "--progressive.to_steps", "1",

@@ -110,9 +110,9 @@ class ProgressiveDistiller:
     Stage k (k = 0 .. m - 1, m = log2(from_steps / to_steps)) covers optimizer steps
     [k L, (k + 1) L), L = progressive.stage_steps or train.steps // m (the last stage runs on
     to train.steps); its student learns from_steps / 2^(k+1) steps from a teacher taking twice
-    as many. The teacher of stage 0 is ``progressive.teacher``'s EMA weights; at the first step of stage k >= 1 the
-    student's EMA becomes the teacher and the student's own weights restart from it (Alg. 2:
-    eta <- theta, theta starts at eta), and that teacher is written to
+    as many. The teacher of stage 0 is ``progressive.teacher``'s EMA weights; at the first step
+    of stage k >= 1 the student's EMA becomes the teacher and the student's own weights restart
+    from it (Alg. 2: eta <- theta, theta starts at eta), and that teacher is written to
     RUN/progressive/stage-K-teacher.safetensors, which a run resumed inside stage k loads.
 
     Call: net the student UNet as its formulation calls it, x0 [B, C, H, W] in [-1, 1], y int64
