@@ -14,6 +14,12 @@ The run's config is the teacher's with a ``consistency`` section (method ect, th
 path, sigma_min / sigma_max / sigma_data and the ECT knobs) and ``sample.sampler consistency``,
 so every checkpoint it writes says what it is and ``generate`` samples it with
 ``consistency.consistency_sample``.
+
+``--method pd`` is progressive distillation (Salimans & Ho 2022; progressive.py): the same loop
+and the same start from the teacher, with ``progressive.ProgressiveDistiller`` as the loss and
+keeper of the stages. Its config keeps the teacher's diffusion model and adds a ``progressive``
+section (the teacher's path, from_steps, to_steps, stage_steps) and DDIM sampling on the uniform
+grid in to_steps steps without x0 clipping: the result is a diffusion checkpoint.
 """
 
 from __future__ import annotations
