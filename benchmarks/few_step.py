@@ -12,7 +12,9 @@ torch.set_num_threads(1)), so a minute is a core-minute:
   run measured in docs/consistency.md (``--train.steps 5600 --train.lr 2e-4`` on distill's
   defaults: ECT's q = 2 with Delta t halved every steps / 8, the teacher's dropout) unless
   ``--distill`` overrides set them (``--distill "--method cd"`` for consistency distillation);
-  sampled at ``--steps`` (1, 2, 4) from the EMA weights.
+  sampled at ``--steps`` (1, 2, 4) from the EMA weights. ``--distill "--method pd ..."``
+  (progressive distillation) samples each step count from the stage that ended there (its
+  stage file under RUN/progressive).
 * teacher: every ``--teacher_samplers`` SAMPLER:SPACING at each ``--nfe`` (1, 2, 4, 10, 20 model
   calls); the table keeps the best digit-FID per NFE and names its sampler.
 * floor: held-out real digits (never seen by the digit classifier), as many as the samples.
@@ -37,10 +39,11 @@ from pathlib import Path
 import torch
 from digits_score import digit_fid_scorer, held_out_digits
 
-from pixeldiffusion.checkpoint import load_checkpoint
+from pixeldiffusion.checkpoint import LoadedCheckpoint, load_checkpoint
 from pixeldiffusion.config import Config, from_dict
 from pixeldiffusion.generate import generate
 from pixeldiffusion.images import save_grid
+from pixeldiffusion.progressive import STAGE_DIR
 from pixeldiffusion.samplers import nfe_of
 
 REPO = Path(__file__).resolve().parents[1]
@@ -72,6 +75,21 @@ def tune(teacher: str, minutes: float, run_dir: Path, overrides: list[str]) -> t
         process.wait()
     loaded = load_checkpoint(run_dir)
     return loaded.path, loaded.step
+
+
+def stage_student(student: LoadedCheckpoint, run_dir: Path, steps: int) -> torch.nn.Module | None:
+    """The tuned network that samples in ``steps`` steps: a consistency model's own; for
+    progressive distillation the student of the stage that ended at ``steps``, which is the next
+    stage's teacher file (RUN/progressive/stage-K-teacher.safetensors, K = log2(from_steps /
+    steps)), or the final checkpoint at ``to_steps``; None where no stage ended there."""
+    p = student.config.progressive
+    if not p.teacher or steps == p.to_steps:
+        return student.model
+    stage = (p.from_steps // steps).bit_length() - 1
+    path = run_dir / STAGE_DIR / f"stage-{stage}-teacher.safetensors"
+    if p.from_steps != steps << stage or stage < 1 or not path.is_file():
+        return None
+    return load_checkpoint(path).model
 
 
 def draw(model: torch.nn.Module, cfg: Config, n: int, **sample: object) -> tuple[torch.Tensor,
@@ -112,11 +130,17 @@ def main() -> None:
                              shlex.split(args.distill))
     student = load_checkpoint(checkpoint)
     teacher = load_checkpoint(args.teacher)
+    progressive = student.config.progressive
+    method = "PD" if progressive.teacher else student.config.consistency.method.upper()
     pictures = {}
     for n_steps in (int(s) for s in args.steps.split(",")):
-        images, speed = draw(student.model, student.config, args.samples, steps=n_steps)
+        model = stage_student(student, args.out / "tuned", n_steps)
+        if model is None:
+            print(f"no {n_steps}-step student: progressive distillation from "
+                  f"{progressive.from_steps} to {progressive.to_steps} steps made none")
+            continue
+        images, speed = draw(model, student.config, args.samples, steps=n_steps)
         pictures[f"tuned {n_steps}"] = images[:8]
-        method = student.config.consistency.method.upper()
         rows.append((f"tuned ({steps} steps of {method}), {n_steps} step(s)", n_steps,
                      digit_fid(images), f"{speed:.0f}"))
     for nfe in (int(s) for s in args.nfe.split(",")):

@@ -288,3 +288,27 @@ def test_few_step_benchmark_runs_at_a_tiny_size(teacher, tmp_path):
     assert any(name.startswith("teacher") for name in names)
     assert all(float(fid) > 0 for _, _, fid in rows)
     assert (out / "same_noise.png").is_file()
+
+
+def test_few_step_benchmark_samples_each_progressive_stage_at_its_own_steps(teacher, tmp_path):
+    """``--distill "--method pd ..."``: 4 -> 1 steps; the 1-step row is the final checkpoint, the
+    2-step row the stage that ended at 2 steps (the last stage's teacher file), and a step count
+    no stage made (3) is said and skipped, not sampled from the wrong student."""
+    import re
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    script = Path(__file__).resolve().parent.parent / "benchmarks" / "few_step.py"
+    out = tmp_path / "out"
+    pd = ("--method pd --progressive.from_steps 4 --progressive.to_steps 1 "
+          "--progressive.stage_steps 2 --train.steps 4")
+    result = subprocess.run(
+        [sys.executable, str(script), str(teacher), "--minutes", "5", "--samples", "20",
+         "--steps", "1,2,3", "--nfe", "2", "--distill", pd, "--out", str(out)],
+        capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    names = re.findall(r"^\| (tuned .+?) \|", result.stdout, re.M)
+    assert names == ["tuned (4 steps of PD), 1 step(s)", "tuned (4 steps of PD), 2 step(s)"]
+    assert "no 3-step student" in result.stdout
+    assert (out / "tuned" / "progressive" / "stage-1-teacher.safetensors").is_file()
