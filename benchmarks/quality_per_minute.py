@@ -69,6 +69,7 @@ from pixeldiffusion.checkpoint import load_checkpoint
 from pixeldiffusion.config import Config, load_config
 from pixeldiffusion.digit_classifier import builtin_digits
 from pixeldiffusion.ema_snapshots import reconstruct_run, save_reconstruction
+from pixeldiffusion.errors import PixelDiffusionError
 from pixeldiffusion.generate import generate
 from pixeldiffusion.guidance import load_guidance_model
 from pixeldiffusion.images import save_grid
@@ -219,7 +220,10 @@ def rebuild_guide(run_dir: Path, step: int, out: Path) -> tuple[Path, int]:
     """The run's power-function EMA (sigma_rel 0.05, EDM2's short profile) at the last
     snapshot at or before ``step``, written as a checkpoint: (the guide of autoguidance, its
     step)."""
-    rebuilt = reconstruct_run(run_dir, GUIDE_SIGMA_REL, step)
+    try:
+        rebuilt = reconstruct_run(run_dir, GUIDE_SIGMA_REL, step)
+    except PixelDiffusionError as err:  # e.g. a run stopped by its minutes before the snapshot
+        raise SystemExit(f"no autoguidance guide for {run_dir}: {err}") from None
     return save_reconstruction(rebuilt, out), rebuilt.step
 
 

@@ -63,6 +63,30 @@ def test_stage_grids_are_what_ddim_steps_through_and_halve_exactly():
         check_nested(ac[:50], 24, 3)  # 50 / 24 is not exact in binary: the rounding differs
 
 
+def test_ddim_steps_on_the_stage_grid_are_the_ddim_sampler(teacher):
+    """What a student is trained to do is what ``sample --sampler ddim --spacing uniform`` does:
+    chaining ``ddim_step`` over ``stage_sigmas`` with the model's EDM denoiser from the same
+    noise gives the sampler's images (VP x_T = x / sqrt(1 + sigma_max^2)), for 1, 2 and 8 steps."""
+    from pixeldiffusion.checkpoint import load_checkpoint
+    from pixeldiffusion.consistency import teacher_denoiser
+    from pixeldiffusion.samplers import sample
+
+    loaded = load_checkpoint(teacher)
+    bridge = bridge_for(loaded.config.diffusion)
+    D = teacher_denoiser(loaded.model, bridge)
+    z = torch.randn(3, 1, 32, 32, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        for steps in (1, 2, 8):
+            expected = sample(bridge.wrap(loaded.model), z, bridge.alphas_cumprod, sampler="ddim",
+                              steps=steps, spacing="uniform", prediction=bridge.prediction,
+                              clip_x0=False, eta=0.0)
+            grid = stage_sigmas(bridge.alphas_cumprod, steps).float()
+            x = z * (1 + grid[0] ** 2).sqrt()  # the VP point x_T in EDM's coordinates
+            for sigma, sigma_next in zip(grid[:-1], grid[1:], strict=True):
+                x = ddim_step(D, x, sigma.expand(3), sigma_next.expand(3))
+            torch.testing.assert_close(x, expected, rtol=1e-4, atol=1e-4)
+
+
 def _gaussian_denoiser(s):
     """The exact denoiser of data ~ N(0, s^2): D(x, sigma) = s^2 / (s^2 + sigma^2) x."""
     def D(x, sigma, y=None):
