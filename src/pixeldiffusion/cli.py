@@ -89,8 +89,8 @@ samples in 1, 2 or 4 model calls (Easy Consistency Tuning; docs/consistency.md),
   pixeldiffusion distill -cp runs/digits -e runs/digits-ect --train.steps 2000
   pixeldiffusion distill -e runs/digits-ect --resume auto     # continue where it stopped
   pixeldiffusion sample -cp runs/digits-ect --steps 1
-  pixeldiffusion distill -cp runs/digits -e runs/digits-pd --method pd \
-      --progressive.from_steps 64 --progressive.to_steps 2 --train.steps 6000
+  pixeldiffusion distill -cp runs/digits-v -e runs/digits-pd --method pd \
+      --progressive.from_steps 64 --progressive.to_steps 2 --train.steps 5000   # v-pred teacher
 """
 
 
