@@ -43,7 +43,7 @@ from pixeldiffusion.checkpoint import LoadedCheckpoint, load_checkpoint
 from pixeldiffusion.config import Config, from_dict
 from pixeldiffusion.generate import generate
 from pixeldiffusion.images import save_grid
-from pixeldiffusion.progressive import STAGE_DIR
+from pixeldiffusion.progressive import student_file
 from pixeldiffusion.samplers import nfe_of
 
 REPO = Path(__file__).resolve().parents[1]
@@ -79,17 +79,14 @@ def tune(teacher: str, minutes: float, run_dir: Path, overrides: list[str]) -> t
 
 def stage_student(student: LoadedCheckpoint, run_dir: Path, steps: int) -> torch.nn.Module | None:
     """The tuned network that samples in ``steps`` steps: a consistency model's own; for
-    progressive distillation the student of the stage that ended at ``steps``, which is the next
-    stage's teacher file (RUN/progressive/stage-K-teacher.safetensors, K = log2(from_steps /
-    steps)), or the final checkpoint at ``to_steps``; None where no stage ended there."""
+    progressive distillation the student of the stage that ended at ``steps``
+    (``progressive.student_file``), or the final checkpoint at ``to_steps``; None where no stage
+    ended there."""
     p = student.config.progressive
     if not p.teacher or steps == p.to_steps:
         return student.model
-    stage = (p.from_steps // steps).bit_length() - 1
-    path = run_dir / STAGE_DIR / f"stage-{stage}-teacher.safetensors"
-    if p.from_steps != steps << stage or stage < 1 or not path.is_file():
-        return None
-    return load_checkpoint(path).model
+    path = student_file(run_dir, p, steps)
+    return None if path is None else load_checkpoint(path).model
 
 
 def draw(model: torch.nn.Module, cfg: Config, n: int, **sample: object) -> tuple[torch.Tensor,

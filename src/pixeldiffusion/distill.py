@@ -87,13 +87,11 @@ def _progressive_config(base: Config, teacher: str, overrides: Sequence[str]) ->
     set the sample steps themselves."""
     pairs = _parse_overrides(overrides) if overrides else []
     cfg = from_dict({"progressive": {"teacher": teacher}}, base=apply_overrides(base, pairs))
-    steps = cfg.progressive.to_steps
-    keys = {key for key, _ in pairs}
+    steps = cfg.progressive.to_steps  # read with the overrides, which then go on top again
     return apply_overrides(from_dict({
         "sample": {"sampler": "ddim", "spacing": "uniform", "eta": 0.0, "clip_x0": False,
-                   "steps": cfg.sample.steps if "sample.steps" in keys else steps},
-        "train": {"lr": cfg.train.lr if "train.lr" in keys else ECT_LR, "eval_sampler": "ddim",
-                  "eval_steps": steps},
+                   "steps": steps},
+        "train": {"lr": ECT_LR, "eval_sampler": "ddim", "eval_steps": steps},
     }, base=cfg), pairs)
 
 
@@ -158,12 +156,12 @@ class DistillLoss:
 
 
 def start_from_teacher(state: TrainState, weights: dict[str, Tensor] | None = None) -> None:
-    """A fresh run's raw and EMA weights become the teacher's EMA weights (ECT starts from the
-    pretrained model): ``weights`` where the caller has read them already, else read from
-    ``consistency.teacher``; a resumed run keeps what it restored."""
+    """A fresh run's raw and EMA weights become the teacher's EMA weights (ECT and progressive
+    distillation start from the pretrained model): ``weights`` where the caller has read them
+    already, else read from the teacher's checkpoint; a resumed run keeps what it restored."""
     if state.checkpoint is not None:
         return
-    teacher = state.cfg.consistency.teacher
+    teacher = state.cfg.progressive.teacher or state.cfg.consistency.teacher
     if weights is None:
         weights = load_checkpoint(teacher).model.state_dict()
     for module in (state.accelerator.unwrap_model(state.model), state.ema):
@@ -182,8 +180,9 @@ def tune(cfg: Config, run_dir: str | Path | None = None, *, resume: str | None =
     extra = default_hooks(cfg) if hooks is None else list(hooks)
     if cfg.progressive.teacher:  # method pd
         distiller = ProgressiveDistiller(cfg)
+        start = functools.partial(start_from_teacher, weights=distiller.teacher_net.state_dict())
         return train(cfg, run_dir, resume=resume, progress=progress, log=log, loss_fn=distiller,
-                     hooks=[distiller.hook(), *extra], **kwargs)
+                     hooks=[Hook(0, _nothing, setup=start), distiller.hook(), *extra], **kwargs)
     if cfg.consistency.method not in METHODS:
         raise DistillError("this config is not a distilled model's; make one with "
                            "pixeldiffusion distill -cp TEACHER")

@@ -28,8 +28,8 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-from .checkpoint import load_checkpoint, load_state_checked, save_ema_weights
-from .config import Config
+from .checkpoint import load_checkpoint, save_ema_weights
+from .config import Config, ProgressiveConfig
 from .consistency import teacher_denoiser
 from .errors import ConfigError
 from .formulations import bridge_for
@@ -75,6 +75,29 @@ def check_nested(alphas_cumprod: Tensor, from_steps: int, to_steps: int) -> None
                       f"this model's {len(alphas_cumprod)} timesteps down to {to_steps} (a grid "
                       f"is not every other point of the one before); lower "
                       f"progressive.from_steps: {fix}")
+
+
+def stage_count(p: ProgressiveConfig) -> int:
+    """The stages of progressive distillation from p.from_steps to p.to_steps: log2 of the ratio
+    (the config's rules make it a power of 2)."""
+    return (p.from_steps // p.to_steps).bit_length() - 1
+
+
+def stage_file(run_dir: str | Path, stage: int) -> Path:
+    """Stage ``stage``'s teacher (0-based), which is also stage ``stage - 1``'s student."""
+    return Path(run_dir) / STAGE_DIR / f"stage-{stage}-teacher.safetensors"
+
+
+def student_file(run_dir: str | Path, p: ProgressiveConfig, steps: int) -> Path | None:
+    """The file of the student that samples in ``steps`` DDIM steps, for steps between
+    p.to_steps (exclusive: that one is the run's final checkpoint) and p.from_steps: the teacher
+    file of the stage after the one that made it; None where no stage ended at ``steps`` or the
+    file is not there (yet)."""
+    stage = (p.from_steps // max(steps, 1)).bit_length() - 1
+    if not 1 <= stage < stage_count(p) or p.from_steps != steps << stage:
+        return None
+    path = stage_file(run_dir, stage)
+    return path if path.is_file() else None
 
 
 def _per_image(s: Tensor) -> Tensor:
@@ -125,7 +148,7 @@ class ProgressiveDistiller:
         p = cfg.progressive
         self.cfg, self.bridge = cfg, bridge_for(cfg.diffusion)
         check_nested(self.bridge.alphas_cumprod, p.from_steps, p.to_steps)
-        self.stages = (p.from_steps // p.to_steps).bit_length() - 1
+        self.stages = stage_count(p)
         self.stage_length = p.stage_steps or max(1, cfg.train.steps // self.stages)
         loaded = load_checkpoint(p.teacher)
         self.teacher_net = loaded.model.eval().requires_grad_(False)
@@ -146,21 +169,13 @@ class ProgressiveDistiller:
     def _teacher_grid(self, stage: int) -> Tensor:
         return stage_sigmas(self.bridge.alphas_cumprod, self.teacher_steps(stage)).float()
 
-    def stage_file(self, stage: int) -> Path:
-        assert self.state is not None
-        return self.state.run_dir / STAGE_DIR / f"stage-{stage}-teacher.safetensors"
-
     def setup(self, state: TrainState) -> None:
-        """Hook setup: remember the run's state (its EMA and step), and start a fresh run from
-        the teacher's weights (a resumed run keeps what it restored)."""
+        """Hook setup: remember the run's state (its EMA and step). A fresh run's weights come
+        from the teacher through ``distill.start_from_teacher``, as ECT's do."""
         self.state = state
         state.log(f"progressive distillation: {self.stages} stages of {self.stage_length} steps, "
                   f"{self.cfg.progressive.from_steps} -> {self.cfg.progressive.to_steps} DDIM "
                   f"steps")
-        if state.checkpoint is None and state.step == 0:
-            weights = self.teacher_net.state_dict()
-            for module in (state.accelerator.unwrap_model(state.model), state.ema):
-                load_state_checked(module, weights, self.cfg.progressive.teacher)
 
     def hook(self) -> Hook:
         return Hook(0, _nothing, setup=self.setup)
@@ -170,7 +185,7 @@ class ProgressiveDistiller:
         inside it (a resumed run) from the file its first step wrote."""
         state = self.state
         assert state is not None, "ProgressiveDistiller.setup must run before the first step"
-        path = self.stage_file(stage)
+        path = stage_file(state.run_dir, stage)
         if state.step == stage * self.stage_length:
             weights = {k: v.detach().clone() for k, v in state.ema.state_dict().items()}
             with torch.no_grad():
@@ -198,7 +213,9 @@ class ProgressiveDistiller:
             self._enter(self.stage_of(step))
         if next(self.teacher_net.parameters()).device != x0.device:
             self.teacher_net.to(x0.device)
-        grid = self.grid.to(x0.device, x0.dtype)
+        if self.grid.device != x0.device or self.grid.dtype != x0.dtype:
+            self.grid = self.grid.to(x0.device, x0.dtype)  # once per stage, not every step
+        grid = self.grid
         n = x0.shape[0]
         i = torch.randint(0, (len(grid) - 1) // 2, (n,), generator=generator, device=x0.device)
         sigma, sigma_mid, sigma_next = grid[2 * i], grid[2 * i + 1], grid[2 * i + 2]
