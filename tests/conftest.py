@@ -17,6 +17,15 @@ TINY = ["--model.channels", "8", "--model.channel_mult", "1,2", "--model.num_res
         "--train.eval_samples", "0"]
 
 
+# A --device this machine cannot give, and words of its refusal: plain cuda where no GPU is visible
+# (the CI machines), one past the last GPU where there are some (benchmarks/gpu_check.sh).
+if torch.cuda.is_available():
+    MISSING_DEVICE = f"cuda:{torch.cuda.device_count()}"
+    MISSING_DEVICE_REFUSAL = "CUDA device(s) are visible"
+else:
+    MISSING_DEVICE, MISSING_DEVICE_REFUSAL = "cuda", "sees no CUDA GPU"
+
+
 if os.environ.get("PYTEST_XDIST_WORKER"):
     # pytest -n 2 (the default, pyproject addopts): one thread per worker and per subprocess a
     # test starts; on 2 cores two 1-thread processes get more done than one 2-thread process.

@@ -9,6 +9,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from conftest import MISSING_DEVICE, MISSING_DEVICE_REFUSAL
+
 EXE = shutil.which("pixeldiffusion", path=str(Path(sys.executable).parent)) or "pixeldiffusion"
 
 
@@ -66,7 +68,7 @@ def test_denoise_and_progressive_have_one_row_per_sample(trained, tmp_path, mode
     (["train", "--data.dataset", "folder", "--data.root", "/nonexistent/pics"],
      "does not exist"),
     (["train", "-c", "/nonexistent.yaml"], "does not exist"),
-    (["train", "--device", "cuda", "--train.steps", "1"], "sees no CUDA GPU"),
+    (["train", "--device", MISSING_DEVICE, "--train.steps", "1"], MISSING_DEVICE_REFUSAL),
     (["sample", "-cp", "/nonexistent/ckpt"], "does not exist"),
     (["sample", "-cp", "pyproject.toml"], "not a readable safetensors"),
 ])
@@ -89,5 +91,5 @@ def test_a_folder_without_readable_images_is_refused(tmp_path):
 
 
 def test_cuda_sampling_without_a_gpu_is_refused(trained):
-    done = run("sample", "-cp", trained, "--device", "cuda")
-    assert done.returncode == 2 and "--device cuda" in done.stderr
+    done = run("sample", "-cp", trained, "--device", MISSING_DEVICE)
+    assert done.returncode == 2 and f"--device {MISSING_DEVICE}" in done.stderr

@@ -63,11 +63,13 @@ def test_ref_takes_an_images_npz_like_a_folder_or_its_statistics(digit_sets, tmp
     assert done.returncode == 0, done.stderr
     assert "Reference: npz-real-" in done.stdout and "(300 images)" in done.stdout
 
+    # all four on one device: features from a GPU differ from the CPU's in the last bits
     stats = tmp_path / "real-stats.npz"
     assert main(["eval", str(scored), "--ref", str(folder), "--save_stats", str(stats),
-                 "--out", str(tmp_path / "folder")]) == 0
-    assert main(["eval", str(scored), "--ref", str(stats), "--out", str(tmp_path / "stats")]) == 0
-    assert main(["eval", str(scored), "--ref", str(root / "real_rgb.npz"),
+                 "--out", str(tmp_path / "folder"), "--device", "cpu"]) == 0
+    assert main(["eval", str(scored), "--ref", str(stats), "--out", str(tmp_path / "stats"),
+                 "--device", "cpu"]) == 0
+    assert main(["eval", str(scored), "--ref", str(root / "real_rgb.npz"), "--device", "cpu",
                  "--out", str(tmp_path / "rgb")]) == 0  # fitted to the scored images' grey
 
     rows = [_row(tmp_path / name) for name in ("npz", "folder", "stats", "rgb")]

@@ -22,8 +22,25 @@ from pixeldiffusion.unet import build_unet
 
 resource = pytest.importorskip("resource", reason="RLIMIT_AS needs a POSIX system")
 
-ADDRESS_SPACE = 2 * 2**30   # enough for Python, torch and a tiny model; not for a big model
 SRC = Path(__file__).resolve().parents[1] / "src"
+# Room for a tiny model's sampling above what importing the CLI's modules maps; with the CPU
+# build of torch the cap comes to about 2 GiB, enough for nothing big. A CUDA build maps gigabytes
+# more address space at import (its kernels), so the cap is measured, not fixed.
+HEADROOM = 1.4 * 2**30
+
+
+@pytest.fixture(scope="module")
+def address_space() -> int:
+    """Bytes of address space for the capped subprocess: the peak of a process that imports
+    torch and the sampling CLI's modules, plus HEADROOM."""
+    probe = subprocess.run(
+        [sys.executable, "-c", "import pixeldiffusion.cli, pixeldiffusion.checkpoint, "
+         "pixeldiffusion.generate; print(next(line.split()[1] for line in "
+         "open('/proc/self/status') if line.startswith('VmPeak')))"],
+        env={**os.environ, "PYTHONPATH": str(SRC)}, capture_output=True, text=True, timeout=120)
+    if probe.returncode != 0:
+        pytest.skip(f"no /proc/self/status to size the cap from: {probe.stderr[-200:]}")
+    return int(probe.stdout) * 1024 + int(HEADROOM)
 
 
 def edit_metadata_config(weights: Path, **sections: dict) -> None:
@@ -41,10 +58,10 @@ def edit_metadata_config(weights: Path, **sections: dict) -> None:
     weights.write_bytes(struct.pack("<Q", len(encoded)) + encoded + data[8 + length:])
 
 
-def sample_capped(checkpoint: Path, tmp_path: Path) -> subprocess.CompletedProcess:
-    """``pixeldiffusion sample`` in a subprocess limited to ADDRESS_SPACE bytes of memory."""
+def sample_capped(checkpoint: Path, tmp_path: Path, limit: int) -> subprocess.CompletedProcess:
+    """``pixeldiffusion sample`` in a subprocess limited to ``limit`` bytes of address space."""
     def cap() -> None:
-        resource.setrlimit(resource.RLIMIT_AS, (ADDRESS_SPACE, ADDRESS_SPACE))
+        resource.setrlimit(resource.RLIMIT_AS, (limit, limit))
     env = {**os.environ, "PYTHONPATH": str(SRC), "OMP_NUM_THREADS": "1"}
     return subprocess.run(
         [sys.executable, "-m", "pixeldiffusion", "sample", "-cp", str(checkpoint), "--steps", "2",
@@ -60,8 +77,9 @@ def tiny_weights(tmp_path, tiny_args) -> Path:
     return checkpoint / "weights.safetensors"
 
 
-def test_the_capped_subprocess_samples_a_normal_checkpoint(tiny_weights, tmp_path):
-    done = sample_capped(tiny_weights, tmp_path)
+def test_the_capped_subprocess_samples_a_normal_checkpoint(tiny_weights, tmp_path,
+                                                           address_space):
+    done = sample_capped(tiny_weights, tmp_path, address_space)
     assert done.returncode == 0, done.stderr
     assert (tmp_path / "grid.png").is_file()
 
@@ -83,9 +101,9 @@ def test_the_capped_subprocess_samples_a_normal_checkpoint(tiny_weights, tmp_pat
                 "attn_resolutions": []}}, "does not fit this model configuration"),
 ], ids=["out-of-range", "too-many-parameters", "too-much-activation", "shapes-differ"])
 def test_a_checkpoint_asking_for_an_enormous_model_is_refused_within_the_memory_cap(
-        tiny_weights, tmp_path, sections, message):
+        tiny_weights, tmp_path, sections, message, address_space):
     edit_metadata_config(tiny_weights, **sections)
-    done = sample_capped(tiny_weights, tmp_path)
+    done = sample_capped(tiny_weights, tmp_path, address_space)
     lines = done.stderr.strip().splitlines()
     assert done.returncode == 2, done.stderr[-2000:]
     assert len(lines) == 1 and lines[0].startswith("pixeldiffusion: error: "), done.stderr
@@ -93,24 +111,25 @@ def test_a_checkpoint_asking_for_an_enormous_model_is_refused_within_the_memory_
     assert not (tmp_path / "grid.png").exists()
 
 
-def test_the_limit_can_be_raised_by_the_user(tiny_weights, tmp_path, monkeypatch):
+def test_the_limit_can_be_raised_by_the_user(tiny_weights, tmp_path, monkeypatch, address_space):
     edit_metadata_config(tiny_weights, model={"channels": 1024, "channel_mult": [16, 16, 16],
                                               "num_res_blocks": 8, "norm_groups": 8,
                                               "attn_resolutions": []})
     monkeypatch.setenv("PIXELDIFFUSION_MAX_PARAMS", str(10**12))
-    done = sample_capped(tiny_weights, tmp_path)
+    done = sample_capped(tiny_weights, tmp_path, address_space)
     # past the size check, the header's shapes still refuse it, again before any allocation
     assert done.returncode == 2 and "does not fit this model configuration" in done.stderr
     assert len(done.stderr.strip().splitlines()) == 1
 
 
-def test_a_latest_pointer_outside_the_run_is_refused_by_the_cli(tiny_weights, tmp_path):
+def test_a_latest_pointer_outside_the_run_is_refused_by_the_cli(tiny_weights, tmp_path,
+                                                                address_space):
     other = tiny_weights.parent.parent.parent
     elsewhere = tmp_path / "elsewhere"
     save_checkpoint(elsewhere, 1, *_two_tiny_models(), {},
                     load_config(None, ["--model.channels", "8", "--model.norm_groups", "4"]))
     (other / "checkpoints" / "latest").write_text("../../elsewhere/checkpoints/step-0000001\n")
-    done = sample_capped(other, tmp_path)
+    done = sample_capped(other, tmp_path, address_space)
     assert done.returncode == 2 and len(done.stderr.strip().splitlines()) == 1
     assert "which is not a checkpoint directory of this run" in done.stderr
 

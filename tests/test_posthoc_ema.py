@@ -246,7 +246,7 @@ def test_training_tracks_every_step_and_writes_snapshots(tmp_path, tiny_args):
         direct.update(seen[t - 1], t)
     snapshot = load_checkpoint(path).model.state_dict()  # a snapshot is a checkpoint too
     for name, value in direct.state.items():
-        torch.testing.assert_close(snapshot[name], value, rtol=0, atol=1e-6, msg=name)
+        torch.testing.assert_close(snapshot[name], value.cpu(), rtol=0, atol=1e-6, msg=name)
     assert not torch.equal(snapshot["conv_in.weight"], seen[3]["conv_in.weight"])
 
 

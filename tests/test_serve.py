@@ -449,11 +449,13 @@ def test_oversized_nested_and_malformed_bodies_get_a_short_400_or_413(runs):
         status, answer = raw_request(url, f"{post}\r\nTransfer-Encoding: chunked",
                                      f"{len(chunk):x}\r\n".encode() + chunk + b"\r\n")
         assert status == 413
-        # deeply nested within the limit: a 400, not a RecursionError
+        # deeply nested within the limit: a 400, not a RecursionError (Python 3.12's json parses
+        # 2,000 levels, which then are not an object; 3.11's raises RecursionError before that)
         nested = b"[" * 2000 + b"]" * 2000
         status, answer = raw_request(url, f"{post}\r\nContent-Length: {len(nested)}", nested)
-        assert (status, answer["error"]) == (400, "the request body must be JSON, an object of "
-                                                  "parameters; it is nested too deeply")
+        assert status == 400 and answer["error"] in (
+            "the request body must be JSON, an object of parameters; it is nested too deeply",
+            "the request body must be a JSON object of parameters")
         for bad in (b"\xff\xfe{", b'{"steps": ', b"null"):
             status, answer = raw_request(url, f"{post}\r\nContent-Length: {len(bad)}", bad)
             assert status == 400 and len(answer["error"]) < 120
