@@ -48,3 +48,13 @@ def tiny_args() -> list[str]:
 @pytest.fixture
 def tiny_config() -> Config:
     return load_config(None, TINY)
+
+
+def pytest_runtest_logreport(report) -> None:
+    """With PIXELDIFFUSION_FAILURE_LOG=FILE, append each failure and its traceback to FILE as it
+    happens, so that a suite stopped by a time limit (benchmarks/gpu_check.sh) still leaves them.
+    Under pytest-xdist the controller writes, not the workers."""
+    path = os.environ.get("PIXELDIFFUSION_FAILURE_LOG")
+    if path and report.failed and not os.environ.get("PYTEST_XDIST_WORKER"):
+        with open(path, "a") as f:
+            f.write(f"=== {report.nodeid} ({report.when})\n{report.longreprtext[-4000:]}\n")
