@@ -17,6 +17,7 @@ from pixeldiffusion.config import load_config
 from pixeldiffusion.distill import student_config, tune
 from pixeldiffusion.formulations import bridge_for
 from pixeldiffusion.progressive import (
+    ProgressiveDistiller,
     check_nested,
     ddim_step,
     distillation_target,
@@ -24,6 +25,7 @@ from pixeldiffusion.progressive import (
     truncated_snr_weight,
 )
 from pixeldiffusion.schedule import sampling_timesteps, sigma_of
+from pixeldiffusion.train import Hook, lr_factor
 
 PD = ["--method", "pd", "--progressive.from_steps", "8", "--progressive.to_steps", "1",
       "--progressive.stage_steps", "2", "--train.steps", "6", "--train.save_every", "2",
@@ -171,6 +173,28 @@ def test_pd_distills_stage_by_stage_and_samples_with_ddim(teacher, tmp_path, cap
     rows = json.loads((tmp_path / "eval" / "results.json").read_text())
     rows = rows["rows"] if isinstance(rows, dict) else rows
     assert [(r["setting"]["sampler"], r["nfe"]) for r in rows] == [("ddim", 1), ("ddim", 2)]
+
+
+def test_the_learning_rate_falls_linearly_within_each_stage(teacher, tmp_path):
+    """Stages of 2, 2 and 3 steps (8 -> 1, 7 steps): train.lr times (end - step) / (end - start)
+    in each, after the run's 2 warm-up steps, as the optimizer sees it at every step of a real
+    run; stage_lr run is train.lr_schedule over the whole run instead."""
+    base = student_config(teacher, ["--train.eval_samples", "0", "--progressive.from_steps",
+                                    "8", "--progressive.stage_steps", "2", "--train.steps", "7",
+                                    "--train.lr", "1e-3"], method="pd")
+    assert base.train.warmup_steps == 2 and base.progressive.stage_lr == "linear"
+    expected = [1 / 2 * 1, 1 * 1 / 2, 1, 1 / 2, 1, 2 / 3, 1 / 3]
+    assert [ProgressiveDistiller(base).lr_factor(s) for s in range(7)] == pytest.approx(expected)
+    seen = []
+    tune(base, tmp_path / "run", progress=False, log=lambda *_: None,
+         hooks=[Hook(1, lambda state: seen.append(state.optimizer.param_groups[0]["lr"]))])
+    # after step s (0-based) the optimizer holds the rate it will use for step s + 1
+    assert seen[:6] == pytest.approx([1e-3 * f for f in expected[1:]], rel=1e-12)
+    whole = student_config(teacher, ["--progressive.from_steps", "8", "--progressive.stage_lr",
+                                     "run", "--train.lr_schedule", "cosine", "--train.steps", "7"],
+                           method="pd")
+    assert [ProgressiveDistiller(whole).lr_factor(s) for s in range(7)] == \
+        [lr_factor(s, 2, "cosine", 7) for s in range(7)]
 
 
 @pytest.mark.parametrize("stop", [3, 4])

@@ -182,6 +182,7 @@ def tune(cfg: Config, run_dir: str | Path | None = None, *, resume: str | None =
         distiller = ProgressiveDistiller(cfg)
         start = functools.partial(start_from_teacher, weights=distiller.teacher_net.state_dict())
         return train(cfg, run_dir, resume=resume, progress=progress, log=log, loss_fn=distiller,
+                     lr_schedule=distiller.lr_factor,
                      hooks=[Hook(0, _nothing, setup=start), distiller.hook(), *extra], **kwargs)
     if cfg.consistency.method not in METHODS:
         raise DistillError("this config is not a distilled model's; make one with "

@@ -34,7 +34,7 @@ from .consistency import teacher_denoiser
 from .errors import ConfigError
 from .formulations import bridge_for
 from .schedule import sampling_timesteps, sigma_of
-from .train import Hook, TrainState
+from .train import Hook, TrainState, lr_factor
 
 STAGE_DIR = "progressive"  # RUN/progressive/stage-K-teacher.safetensors
 
@@ -137,6 +137,7 @@ class ProgressiveDistiller:
     of stage k >= 1 the student's EMA becomes the teacher and the student's own weights restart
     from it (Alg. 2: eta <- theta, theta starts at eta), and that teacher is written to
     RUN/progressive/stage-K-teacher.safetensors, which a run resumed inside stage k loads.
+    ``lr_factor`` is the loop's learning-rate schedule: linear decay within each stage.
 
     Call: net the student UNet as its formulation calls it, x0 [B, C, H, W] in [-1, 1], y int64
     [B] or None. Each image draws one of the stage's student steps i uniformly and eps ~ N(0, I)
@@ -162,6 +163,23 @@ class ProgressiveDistiller:
         """The stage optimizer step ``step`` (0-based) belongs to."""
         return min(step // self.stage_length, self.stages - 1)
 
+    def lr_factor(self, step: int) -> float:
+        """train.lr's multiplier at optimizer step ``step`` (0-based), the training loop's
+        ``lr_schedule``. ``progressive.stage_lr`` linear: (end - step) / (end - start) within
+        the stage [start, end), so each student's learning rate falls from train.lr towards 0
+        by its stage's last step and restarts with the next student (Salimans & Ho 2022's code,
+        google-research/diffusion_distillation: learning_rate_anneal_type linear over each
+        stage's steps), after the run's linear warm-up over train.warmup_steps. run:
+        ``train.lr_factor`` with train.lr_schedule over the whole run."""
+        tc = self.cfg.train
+        if self.cfg.progressive.stage_lr == "run":
+            return lr_factor(step, tc.warmup_steps, tc.lr_schedule, tc.steps)
+        stage = self.stage_of(step)
+        start = stage * self.stage_length
+        end = tc.steps if stage == self.stages - 1 else start + self.stage_length
+        warm_up = (step + 1) / tc.warmup_steps if step < tc.warmup_steps else 1.0
+        return warm_up * max(end - step, 1) / max(end - start, 1)
+
     def teacher_steps(self, stage: int) -> int:
         """The teacher's DDIM steps in ``stage``; the student learns half as many."""
         return self.cfg.progressive.from_steps >> stage
@@ -173,9 +191,11 @@ class ProgressiveDistiller:
         """Hook setup: remember the run's state (its EMA and step). A fresh run's weights come
         from the teacher through ``distill.start_from_teacher``, as ECT's do."""
         self.state = state
+        p = self.cfg.progressive
+        lr = "annealed linearly within each stage" if p.stage_lr == "linear" else \
+            f"train.lr_schedule {self.cfg.train.lr_schedule} over the run"
         state.log(f"progressive distillation: {self.stages} stages of {self.stage_length} steps, "
-                  f"{self.cfg.progressive.from_steps} -> {self.cfg.progressive.to_steps} DDIM "
-                  f"steps")
+                  f"{p.from_steps} -> {p.to_steps} DDIM steps; learning rate {lr}")
 
     def hook(self) -> Hook:
         return Hook(0, _nothing, setup=self.setup)

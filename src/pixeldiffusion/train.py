@@ -278,13 +278,16 @@ class Hook:
 
 def train(cfg: Config, run_dir: str | Path | None = None, *, resume: str | None = None,
           progress: bool = True, log: Callable[[str], None] = _log, hooks: Sequence[Hook] = (),
-          loss_fn: LossFn | None = None) -> TrainResult:
+          loss_fn: LossFn | None = None,
+          lr_schedule: Callable[[int], float] | None = None) -> TrainResult:
     """Train ``cfg`` into ``run_dir``; ``resume`` is None, "auto" or a checkpoint path.
 
     The loop itself logs the loss and writes checkpoints; ``hooks`` add periodic work
     (``run.default_hooks(cfg)``: sample grids and the quality score, which ``pixeldiffusion
     train`` and ``pd.train``, i.e. ``run.train``, add). ``loss_fn`` defaults to
-    ``formulations.loss_for(cfg.diffusion)``. The main process
+    ``formulations.loss_for(cfg.diffusion)``; ``lr_schedule`` (optimizer step, 0-based ->
+    train.lr's multiplier) to ``lr_factor`` with train.warmup_steps and train.lr_schedule. The
+    main process
     holds ``run_dir/train.lock`` throughout, so a second run pointed at the same directory is
     refused while this one lives (see ``checkpoint.run_lock``).
     """
@@ -295,6 +298,7 @@ def train(cfg: Config, run_dir: str | Path | None = None, *, resume: str | None 
     with run_lock(run_dir) if accelerator.is_main_process else nullcontext():
         point = _resume_point(run_dir, resume, log)
         state = build_run(cfg, run_dir, accelerator, log, loss_fn=loss_fn,
+                          lr_schedule=lr_schedule,
                           start=_saved_step(point) if point is not None else 0)
         if point is not None:
             restore(state, point)  # before anything is written: a misfit checkpoint writes nothing
@@ -392,9 +396,11 @@ def _optimizer_step(state: TrainState, bad: Tensor) -> None:
 
 
 def build_run(cfg: Config, run_dir: Path, accelerator, log: Callable[[str], None], *,
-              loss_fn: LossFn | None = None, start: int = 0) -> TrainState:
+              loss_fn: LossFn | None = None, lr_schedule: Callable[[int], float] | None = None,
+              start: int = 0) -> TrainState:
     """A fresh run of ``cfg`` whose data begins at step ``start`` (a resume point's step; then
-    ``restore`` loads the rest): data set, UNet, EMA, AdamW, LR schedule, RNG, all on the device."""
+    ``restore`` loads the rest): data set, UNet, EMA, AdamW, LR schedule (``lr_schedule``, else
+    ``lr_factor`` of the config), RNG, all on the device."""
     device = accelerator.device
     use_fast_kernels(device)
     dataset = load_dataset(cfg.data)
@@ -406,7 +412,8 @@ def build_run(cfg: Config, run_dir: Path, accelerator, log: Callable[[str], None
     optimizer = torch.optim.AdamW(model.parameters(), lr=tc.lr, weight_decay=tc.weight_decay,
                                   fused=device.type in FUSED_ADAMW)
     scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda s: lr_factor(s, tc.warmup_steps, tc.lr_schedule, tc.steps))
+        optimizer, lr_schedule or (lambda s: lr_factor(s, tc.warmup_steps, tc.lr_schedule,
+                                                       tc.steps)))
     loader = make_loader(dataset, tc.batch_size, seed=tc.seed, start=start,
                          num_workers=cfg.data.num_workers, rank=accelerator.process_index,
                          world_size=accelerator.num_processes, pin_memory=device.type == "cuda")
