@@ -176,13 +176,15 @@ def test_pd_distills_stage_by_stage_and_samples_with_ddim(teacher, tmp_path, cap
 
 
 def test_the_learning_rate_falls_linearly_within_each_stage(teacher, tmp_path):
-    """Stages of 2, 2 and 3 steps (8 -> 1, 7 steps): train.lr times (end - step) / (end - start)
-    in each, after the run's 2 warm-up steps, as the optimizer sees it at every step of a real
-    run; stage_lr run is train.lr_schedule over the whole run instead."""
+    """stage_lr linear, stages of 2, 2 and 3 steps (8 -> 1, 7 steps): train.lr times
+    (end - step) / (end - start) in each, after the run's 2 warm-up steps, as the optimizer sees
+    it at every step of a real run; stage_lr run (the default) is train.lr_schedule over the
+    whole run instead."""
     base = student_config(teacher, ["--train.eval_samples", "0", "--progressive.from_steps",
                                     "8", "--progressive.stage_steps", "2", "--train.steps", "7",
-                                    "--train.lr", "1e-3"], method="pd")
-    assert base.train.warmup_steps == 2 and base.progressive.stage_lr == "linear"
+                                    "--train.lr", "1e-3", "--progressive.stage_lr", "linear"],
+                          method="pd")
+    assert base.train.warmup_steps == 2
     expected = [1 / 2 * 1, 1 * 1 / 2, 1, 1 / 2, 1, 2 / 3, 1 / 3]
     assert [ProgressiveDistiller(base).lr_factor(s) for s in range(7)] == pytest.approx(expected)
     seen = []
@@ -190,21 +192,23 @@ def test_the_learning_rate_falls_linearly_within_each_stage(teacher, tmp_path):
          hooks=[Hook(1, lambda state: seen.append(state.optimizer.param_groups[0]["lr"]))])
     # after step s (0-based) the optimizer holds the rate it will use for step s + 1
     assert seen[:6] == pytest.approx([1e-3 * f for f in expected[1:]], rel=1e-12)
-    whole = student_config(teacher, ["--progressive.from_steps", "8", "--progressive.stage_lr",
-                                     "run", "--train.lr_schedule", "cosine", "--train.steps", "7"],
-                           method="pd")
+    whole = student_config(teacher, ["--progressive.from_steps", "8", "--train.lr_schedule",
+                                     "cosine", "--train.steps", "7"], method="pd")
+    assert whole.progressive.stage_lr == "run"
     assert [ProgressiveDistiller(whole).lr_factor(s) for s in range(7)] == \
         [lr_factor(s, 2, "cosine", 7) for s in range(7)]
 
 
+@pytest.mark.parametrize("stage_lr", ["run", "linear"])
 @pytest.mark.parametrize("stop", [3, 4])
-def test_pd_resumes_exactly_inside_a_stage_and_at_its_first_step(teacher, tmp_path, stop):
+def test_pd_resumes_exactly_inside_a_stage_and_at_its_first_step(teacher, tmp_path, stop,
+                                                                stage_lr):
     """6 steps in one go == ``stop`` steps, stop, resume to 6 (dropout on): inside stage 1
     (stop 3) the stage's teacher comes back from its file; at stage 2's first step (stop 4) it
-    is made from the restored EMA, as the uninterrupted run made it."""
+    is made from the restored EMA, as the uninterrupted run made it; either LR schedule."""
     base = student_config(teacher, ["--train.eval_samples", "0", "--progressive.from_steps",
-                                    "8", "--progressive.stage_steps", "2", "--train.steps", "6"],
-                          method="pd")
+                                    "8", "--progressive.stage_steps", "2", "--train.steps", "6",
+                                    "--progressive.stage_lr", stage_lr], method="pd")
     assert base.model.dropout == 0.1 and base.progressive.to_steps == 1
     quiet = {"progress": False, "log": lambda *_: None, "hooks": []}
     straight = tune(base, tmp_path / "a", **quiet)

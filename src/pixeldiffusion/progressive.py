@@ -137,7 +137,7 @@ class ProgressiveDistiller:
     of stage k >= 1 the student's EMA becomes the teacher and the student's own weights restart
     from it (Alg. 2: eta <- theta, theta starts at eta), and that teacher is written to
     RUN/progressive/stage-K-teacher.safetensors, which a run resumed inside stage k loads.
-    ``lr_factor`` is the loop's learning-rate schedule: linear decay within each stage.
+    ``lr_factor`` is the loop's learning-rate schedule (progressive.stage_lr).
 
     Call: net the student UNet as its formulation calls it, x0 [B, C, H, W] in [-1, 1], y int64
     [B] or None. Each image draws one of the stage's student steps i uniformly and eps ~ N(0, I)
@@ -165,12 +165,12 @@ class ProgressiveDistiller:
 
     def lr_factor(self, step: int) -> float:
         """train.lr's multiplier at optimizer step ``step`` (0-based), the training loop's
-        ``lr_schedule``. ``progressive.stage_lr`` linear: (end - step) / (end - start) within
-        the stage [start, end), so each student's learning rate falls from train.lr towards 0
-        by its stage's last step and restarts with the next student (Salimans & Ho 2022's code,
+        ``lr_schedule``. ``progressive.stage_lr`` run (the default): ``train.lr_factor`` with
+        train.lr_schedule over the whole run. linear: (end - step) / (end - start) within the
+        stage [start, end), so each student's learning rate falls from train.lr towards 0 by
+        its stage's last step and restarts with the next student (Salimans & Ho 2022's code,
         google-research/diffusion_distillation: learning_rate_anneal_type linear over each
-        stage's steps), after the run's linear warm-up over train.warmup_steps. run:
-        ``train.lr_factor`` with train.lr_schedule over the whole run."""
+        stage's steps), after the run's linear warm-up over train.warmup_steps."""
         tc = self.cfg.train
         if self.cfg.progressive.stage_lr == "run":
             return lr_factor(step, tc.warmup_steps, tc.lr_schedule, tc.steps)
