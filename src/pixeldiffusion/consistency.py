@@ -25,15 +25,17 @@ import math
 from collections.abc import Callable, Sequence
 from contextlib import AbstractContextManager
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import torch
 from torch import Tensor
 
+from .checkpoint import load_checkpoint
 from .config import TEACHER_SOLVERS
 from .diffusion import x0_eps_from_output
 from .errors import ConfigError
-from .formulations import VPBridge, edm_scalings
+from .formulations import VPBridge, bridge_for, edm_scalings
 from .schedule import DeviceTable, karras_sigmas, sigma_of
 
 SIGMA_MIN = 0.002  # Song et al. 2023's epsilon, EDM's sigma_min
@@ -126,6 +128,24 @@ def teacher_denoiser(net: RawNet, bridge: VPBridge) -> Callable[..., Tensor]:
         output = model(x_t, t.to(x.device, x.dtype), y=y).to(x.dtype)
         return x0_eps_from_output(bridge.prediction, output, x_t, abar)[0]
     return D
+
+
+class FrozenTeacher:
+    """A teacher checkpoint's EDM denoiser ``D(x, sigma, y=None)`` (``teacher_denoiser``) from
+    its EMA weights, frozen (eval mode, no gradients), moved to the device of the x it is called
+    with: consistency distillation's ODE steps and progressive distillation's DDIM steps.
+    ``net`` is the network: its weights also start a fresh run (``distill.start_from_teacher``),
+    and progressive distillation loads each stage's teacher into it."""
+
+    def __init__(self, path: str | Path) -> None:
+        loaded = load_checkpoint(path)
+        self.net = loaded.model.eval().requires_grad_(False)
+        self.denoise = teacher_denoiser(self.net, bridge_for(loaded.config.diffusion))
+
+    def __call__(self, x: Tensor, sigma: Tensor, y: Tensor | None = None) -> Tensor:
+        if next(self.net.parameters()).device != x.device:
+            self.net.to(x.device)
+        return self.denoise(x, sigma, y=y)
 
 
 def highest_sigma(bridge: VPBridge) -> float:

@@ -35,7 +35,7 @@ from torch import Tensor
 from .checkpoint import load_checkpoint, load_state_checked
 from .config import CONSISTENCY_SAMPLER, Config, DiffusionConfig, apply_overrides, from_dict
 from .config import parse_overrides as _parse_overrides
-from .consistency import SIGMA_MAX, ECTLoss, EDMRawNetwork, highest_sigma, teacher_denoiser
+from .consistency import SIGMA_MAX, ECTLoss, EDMRawNetwork, FrozenTeacher, highest_sigma
 from .errors import PixelDiffusionError
 from .formulations import bridge_for
 from .progressive import ProgressiveDistiller
@@ -105,21 +105,6 @@ def ect_loss_of(cfg: Config, teacher: Callable[..., Tensor] | None = None) -> EC
                    teacher=teacher, solver=c.solver)
 
 
-class FrozenTeacher:
-    """The teacher's EDM denoiser ``D(x, sigma, y=None)`` (``consistency.teacher_denoiser``)
-    from its checkpoint's EMA weights, frozen (eval mode, no gradients), moved to the device of
-    the x it is called with: consistency distillation's ODE steps. ``net`` is the network, whose
-    weights also start a fresh run (``start_from_teacher``)."""
-
-    def __init__(self, path: str | Path) -> None:
-        loaded = load_checkpoint(path)
-        self.net = loaded.model.eval().requires_grad_(False)
-        self.denoise = teacher_denoiser(self.net, bridge_for(loaded.config.diffusion))
-
-    def __call__(self, x: Tensor, sigma: Tensor, y: Tensor | None = None) -> Tensor:
-        if next(self.net.parameters()).device != x.device:
-            self.net.to(x.device)
-        return self.denoise(x, sigma, y=y)
 
 
 class StepClock:
@@ -180,10 +165,11 @@ def tune(cfg: Config, run_dir: str | Path | None = None, *, resume: str | None =
     extra = default_hooks(cfg) if hooks is None else list(hooks)
     if cfg.progressive.teacher:  # method pd
         distiller = ProgressiveDistiller(cfg)
-        start = functools.partial(start_from_teacher, weights=distiller.teacher_net.state_dict())
+        start = functools.partial(start_from_teacher,
+                                  weights=distiller.teacher.net.state_dict())
         return train(cfg, run_dir, resume=resume, progress=progress, log=log, loss_fn=distiller,
                      lr_schedule=distiller.lr_factor,
-                     hooks=[Hook(0, _nothing, setup=start), distiller.hook(), *extra], **kwargs)
+                     hooks=[Hook(0, setup=start), distiller.hook(), *extra], **kwargs)
     if cfg.consistency.method not in METHODS:
         raise DistillError("this config is not a distilled model's; make one with "
                            "pixeldiffusion distill -cp TEACHER")
@@ -193,7 +179,7 @@ def tune(cfg: Config, run_dir: str | Path | None = None, *, resume: str | None =
     start = start_from_teacher if teacher is None else functools.partial(
         start_from_teacher, weights=teacher.net.state_dict())  # the file is read once
     return train(cfg, run_dir, resume=resume, progress=progress, log=log, loss_fn=loss,
-                 hooks=[Hook(0, _nothing, setup=start), clock.hook(), *extra],
+                 hooks=[Hook(0, setup=start), clock.hook(), *extra],
                  **kwargs)
 
 
@@ -201,7 +187,3 @@ def is_distill_run(cfg: Config) -> bool:
     """Whether ``cfg`` is a ``distill`` run's (a consistency model or progressive distillation),
     which ``tune`` continues, rather than a training run's."""
     return cfg.consistency.method != "none" or bool(cfg.progressive.teacher)
-
-
-def _nothing(state: TrainState) -> None:
-    """A hook with setup work only."""

@@ -30,7 +30,7 @@ from torch import Tensor
 
 from .checkpoint import load_checkpoint, save_ema_weights
 from .config import Config, ProgressiveConfig
-from .consistency import teacher_denoiser
+from .consistency import FrozenTeacher, teacher_denoiser
 from .errors import ConfigError
 from .formulations import bridge_for
 from .schedule import sampling_timesteps, sigma_of
@@ -151,9 +151,7 @@ class ProgressiveDistiller:
         check_nested(self.bridge.alphas_cumprod, p.from_steps, p.to_steps)
         self.stages = stage_count(p)
         self.stage_length = p.stage_steps or max(1, cfg.train.steps // self.stages)
-        loaded = load_checkpoint(p.teacher)
-        self.teacher_net = loaded.model.eval().requires_grad_(False)
-        self.teacher = teacher_denoiser(self.teacher_net, self.bridge)
+        self.teacher = FrozenTeacher(p.teacher)  # its net takes each stage's teacher weights
         self.state: TrainState | None = None
         self.stage = 0
         self.grid = self._teacher_grid(0)
@@ -198,7 +196,7 @@ class ProgressiveDistiller:
                   f"{p.from_steps} -> {p.to_steps} DDIM steps; learning rate {lr}")
 
     def hook(self) -> Hook:
-        return Hook(0, _nothing, setup=self.setup)
+        return Hook(0, setup=self.setup)
 
     def _enter(self, stage: int) -> None:
         """Make ``stage``'s teacher current: at its first step from the student's EMA (saved),
@@ -221,7 +219,7 @@ class ProgressiveDistiller:
             raise ConfigError(f"this run resumes inside progressive distillation's stage "
                               f"{stage}, but its teacher {path} is missing; restore it, or "
                               f"resume from the checkpoint at step {stage * self.stage_length}")
-        self.teacher_net.load_state_dict(weights)
+        self.teacher.net.load_state_dict(weights)
         self.stage, self.grid = stage, self._teacher_grid(stage)
         state.log(f"progressive distillation: stage {stage + 1} of {self.stages}, "
                   f"{self.teacher_steps(stage)} -> {self.teacher_steps(stage) // 2} steps")
@@ -231,8 +229,6 @@ class ProgressiveDistiller:
         step = self.state.step if self.state is not None else 0
         if self.stage_of(step) != self.stage:
             self._enter(self.stage_of(step))
-        if next(self.teacher_net.parameters()).device != x0.device:
-            self.teacher_net.to(x0.device)
         if self.grid.device != x0.device or self.grid.dtype != x0.dtype:
             self.grid = self.grid.to(x0.device, x0.dtype)  # once per stage, not every step
         grid = self.grid
@@ -250,7 +246,3 @@ class ProgressiveDistiller:
         student = self.student[1](x, sigma, y=y)
         error = (student - target).square().flatten(1).mean(1)
         return (truncated_snr_weight(sigma) * error).mean()
-
-
-def _nothing(state: TrainState) -> None:
-    """A hook with setup work only."""

@@ -269,10 +269,11 @@ class TrainState:
 class Hook:
     """Periodic work given to the loop: ``fn(state)`` after every ``every``-th step (0 = only at
     the end) and once more after the last step. ``setup(state)``, if given, runs once before the
-    first step on every process (build what ``fn`` needs there: it may draw random numbers)."""
+    first step on every process (build what ``fn`` needs there: it may draw random numbers).
+    A hook with a setup and no ``fn`` does its work before training only."""
 
     every: int
-    fn: Callable[[TrainState], None]
+    fn: Callable[[TrainState], None] | None = None
     setup: Callable[[TrainState], None] | None = None
 
 
@@ -565,6 +566,8 @@ def _run_hooks(state: TrainState, hooks: Sequence[Hook]) -> None:
     leaves the training stream as it was, so a resumed run matches a straight one."""
     device = state.device
     for hook in hooks:
+        if hook.fn is None:
+            continue
         with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
             hook.fn(state)
 
